@@ -79,5 +79,6 @@ def reference_vjp(fn: Callable[..., tuple], inputs: Sequence[Optional[Tensor]],
             result.append(torch.zeros_like(t))
         else:
             g = next(it)
-            result.append(torch.zeros_like(t) if g is None else g)
+            # clone: autograd may hand the same tensor to several inputs; op outputs must not alias
+            result.append(torch.zeros_like(t) if g is None else g.clone())
     return result

@@ -1,0 +1,241 @@
+"""RMSNorm family used by an AiM block: the mixer's gated RMSNorm, the residual add + RMSNorm of the
+block input, and adaLN modulation x * (1 + scale) + shift, separately and fused.
+
+The residual stream is kept in float32 (float64 for float64 inputs), as the official
+`residual_in_fp32=True` does; normalised outputs take x's dtype. shift/scale are (batch, dim) and
+broadcast over any middle (sequence) dimensions of x (batch, ..., dim).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._util import check_tensor, compute_dtype, reference_vjp
+
+
+def _rms(x: Tensor, eps: float) -> Tensor:
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def _broadcast(t: Tensor, x: Tensor) -> Tensor:
+    """(batch, dim) -> (batch, 1, ..., 1, dim) to match x (batch, ..., dim)."""
+    return t.reshape(t.shape[0], *([1] * (x.dim() - 2)), t.shape[-1])
+
+
+def rmsnorm_gated_ref(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """RMSNorm(x * silu(z)) * weight, the statistic taken over groups of `group_size` channels."""
+    cd = compute_dtype(x, weight)
+    h = x.to(cd)
+    if z is not None:
+        h = h * F.silu(z.to(cd))
+    h = _rms(h.unflatten(-1, (-1, group_size)), eps).flatten(-2)
+    return (h * weight.to(cd)).to(x.dtype)
+
+
+def add_rmsnorm_ref(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """residual' = x + residual (kept in float32+); returns (RMSNorm(residual') * weight, residual')."""
+    cd = compute_dtype(x, residual, weight)
+    r = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
+    return (_rms(r, eps) * weight.to(cd)).to(x.dtype), r
+
+
+def adaln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    cd = compute_dtype(x, shift, scale)
+    out = x.to(cd) * (1 + _broadcast(scale.to(cd), x)) + _broadcast(shift.to(cd), x)
+    return out.to(x.dtype)
+
+
+def add_rmsnorm_modulate_ref(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Tensor,
+                             scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The block prologue: residual add, RMSNorm and adaLN modulation, without rounding in between."""
+    cd = compute_dtype(x, residual, weight, shift, scale)
+    r = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
+    out = _rms(r, eps) * weight.to(cd)
+    out = out * (1 + _broadcast(scale.to(cd), x)) + _broadcast(shift.to(cd), x)
+    return out.to(x.dtype), r
+
+
+# ---- torch.library ops (forward, reference backward by recomputation) --------------------------
+
+def _placeholder_grads(*tensors: Optional[Tensor]) -> list[Tensor]:
+    device = next(t.device for t in tensors if t is not None)
+    return [torch.empty(0, device=device) if t is None else torch.empty_like(t) for t in tensors]
+
+
+@torch.library.custom_op("aim_kernels::rmsnorm_gated", mutates_args=())
+def _rmsnorm_gated(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, group_size: int) -> Tensor:
+    return rmsnorm_gated_ref(x, z, weight, eps, group_size).contiguous()
+
+
+@_rmsnorm_gated.register_fake
+def _(x, z, weight, eps, group_size):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("aim_kernels::rmsnorm_gated_bwd", mutates_args=())
+def _rmsnorm_gated_bwd(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, group_size: int,
+                       dout: Tensor) -> list[Tensor]:
+    return reference_vjp(lambda x_, z_, w_: (rmsnorm_gated_ref(x_, z_, w_, eps, group_size),),
+                         (x, z, weight), (dout,))
+
+
+@_rmsnorm_gated_bwd.register_fake
+def _(x, z, weight, eps, group_size, dout):
+    return _placeholder_grads(x, z, weight)
+
+
+def _rmsnorm_gated_setup(ctx, inputs, output):
+    x, z, weight, eps, group_size = inputs
+    ctx.save_for_backward(x, z, weight)
+    ctx.eps, ctx.group_size, ctx.has_z = eps, group_size, z is not None
+
+
+def _rmsnorm_gated_backward(ctx, dout):
+    x, z, weight = ctx.saved_tensors
+    dx, dz, dw = _rmsnorm_gated_bwd(x, z, weight, ctx.eps, ctx.group_size, dout)
+    return dx, (dz if ctx.has_z else None), dw, None, None
+
+
+_rmsnorm_gated.register_autograd(_rmsnorm_gated_backward, setup_context=_rmsnorm_gated_setup)
+
+
+@torch.library.custom_op("aim_kernels::add_rmsnorm_modulate", mutates_args=())
+def _add_rmsnorm_modulate(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Optional[Tensor],
+                          scale: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    if shift is None:
+        out, r = add_rmsnorm_ref(x, residual, weight, eps)
+    else:
+        out, r = add_rmsnorm_modulate_ref(x, residual, weight, shift, scale, eps)
+    return out.contiguous(), r.clone(memory_format=torch.contiguous_format)  # r may alias x
+
+
+@_add_rmsnorm_modulate.register_fake
+def _(x, residual, weight, shift, scale, eps):
+    cd = compute_dtype(x, residual, weight, shift, scale)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, dtype=cd, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("aim_kernels::add_rmsnorm_modulate_bwd", mutates_args=())
+def _add_rmsnorm_modulate_bwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Optional[Tensor],
+                              scale: Optional[Tensor], eps: float, dout: Tensor,
+                              dresidual_out: Optional[Tensor]) -> list[Tensor]:
+    def fn(x_, r_, w_, shift_, scale_):
+        if shift_ is None:
+            return add_rmsnorm_ref(x_, r_, w_, eps)
+        return add_rmsnorm_modulate_ref(x_, r_, w_, shift_, scale_, eps)
+    return reference_vjp(fn, (x, residual, weight, shift, scale), (dout, dresidual_out))
+
+
+@_add_rmsnorm_modulate_bwd.register_fake
+def _(x, residual, weight, shift, scale, eps, dout, dresidual_out):
+    return _placeholder_grads(x, residual, weight, shift, scale)
+
+
+def _arm_setup(ctx, inputs, output):
+    x, residual, weight, shift, scale, eps = inputs
+    ctx.save_for_backward(x, residual, weight, shift, scale)
+    ctx.eps = eps
+    ctx.present = [t is not None for t in (x, residual, weight, shift, scale)]
+
+
+def _arm_backward(ctx, dout, dresidual_out):
+    grads = _add_rmsnorm_modulate_bwd(*ctx.saved_tensors, ctx.eps, dout, dresidual_out)
+    return (*(g if present else None for g, present in zip(grads, ctx.present)), None)
+
+
+_add_rmsnorm_modulate.register_autograd(_arm_backward, setup_context=_arm_setup)
+
+
+@torch.library.custom_op("aim_kernels::adaln_modulate", mutates_args=())
+def _adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return adaln_modulate_ref(x, shift, scale).contiguous()
+
+
+@_adaln_modulate.register_fake
+def _(x, shift, scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("aim_kernels::adaln_modulate_bwd", mutates_args=())
+def _adaln_modulate_bwd(x: Tensor, shift: Tensor, scale: Tensor, dout: Tensor) -> list[Tensor]:
+    return reference_vjp(lambda *a: (adaln_modulate_ref(*a),), (x, shift, scale), (dout,))
+
+
+@_adaln_modulate_bwd.register_fake
+def _(x, shift, scale, dout):
+    return _placeholder_grads(x, shift, scale)
+
+
+def _mod_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mod_backward(ctx, dout):
+    return tuple(_adaln_modulate_bwd(*ctx.saved_tensors, dout))
+
+
+_adaln_modulate.register_autograd(_mod_backward, setup_context=_mod_setup)
+
+
+# ---- public API --------------------------------------------------------------------------------
+
+def _check_x(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError("x must be a tensor of shape (batch, ..., dim)")
+    check_tensor("x", x, tuple(x.shape), device=x.device)
+
+
+def _check_last_dim(name: str, t: Tensor, x: Tensor) -> None:
+    check_tensor(name, t, tuple(x.shape), device=x.device)
+
+
+def _check_cond(name: str, t: Tensor, x: Tensor) -> None:
+    check_tensor(name, t, (x.shape[0], x.shape[-1]), device=x.device)
+
+
+def rmsnorm_gated(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float = 1e-5,
+                  group_size: Optional[int] = None) -> Tensor:
+    """Mamba2's gated RMSNorm (gate before the norm): RMSNorm_groups(x * silu(z)) * weight."""
+    _check_x(x)
+    dim = x.shape[-1]
+    group_size = dim if group_size is None else group_size
+    if group_size < 1 or dim % group_size:
+        raise ValueError(f"group_size {group_size} must divide the last dimension {dim}")
+    if z is not None:
+        _check_last_dim("z", z, x)
+    check_tensor("weight", weight, (dim,), device=x.device)
+    return _rmsnorm_gated(x, z, weight, float(eps), int(group_size))
+
+
+def add_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor,
+                eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Returns (RMSNorm(x + residual) * weight in x's dtype, x + residual in float32 or wider)."""
+    _check_x(x)
+    if residual is not None:
+        _check_last_dim("residual", residual, x)
+    check_tensor("weight", weight, (x.shape[-1],), device=x.device)
+    return _add_rmsnorm_modulate(x, residual, weight, None, None, float(eps))
+
+
+def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x * (1 + scale) + shift, with shift/scale (batch, dim) broadcast over x's middle dimensions."""
+    _check_x(x)
+    _check_cond("shift", shift, x)
+    _check_cond("scale", scale, x)
+    return _adaln_modulate(x, shift, scale)
+
+
+def add_rmsnorm_modulate(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Tensor, scale: Tensor,
+                         eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Fused block prologue: returns (adaln_modulate(RMSNorm(x + residual) * weight), x + residual)."""
+    _check_x(x)
+    if residual is not None:
+        _check_last_dim("residual", residual, x)
+    check_tensor("weight", weight, (x.shape[-1],), device=x.device)
+    _check_cond("shift", shift, x)
+    _check_cond("scale", scale, x)
+    return _add_rmsnorm_modulate(x, residual, weight, shift, scale, float(eps))

@@ -1,0 +1,105 @@
+"""Next-token sampling: classifier-free-guidance combine, temperature, top-k then top-p, and a draw.
+
+The draw is inverse-CDF sampling from uniforms passed in as a tensor, which is the same distribution
+as torch.multinomial but keeps the op free of host synchronisation and lets CUDA graphs replay it:
+the uniforms come from `torch.rand` with the caller's generator, on the logits' device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._util import check_tensor
+
+
+def _widen(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def cfg_combine(logits: Tensor, cfg_scale: float) -> Tensor:
+    """Rows [cond; uncond] (2B, V) -> uncond + (cond - uncond) * cfg_scale (B, V), in float32 or wider."""
+    cond, uncond = _widen(logits).chunk(2)
+    return uncond + (cond - uncond) * cfg_scale
+
+
+def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Temperature, then top-k (ties with the k-th value kept, as the official code), then top-p.
+
+    top-p sorts ascending and drops the tokens whose cumulative probability is <= 1 - top_p, always
+    keeping the most likely one (the official rule). Dropped tokens get -inf.
+    """
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop_sorted[..., -1] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
+    return logits
+
+
+def sample_next_token_ref(logits: Tensor, cfg_scale: float, temperature: float, top_k: int, top_p: float,
+                          uniform: Tensor) -> Tensor:
+    rows = uniform.shape[0]
+    guided = cfg_combine(logits, cfg_scale) if logits.shape[0] == 2 * rows else _widen(logits)
+    probs = filter_logits(guided, temperature, top_k, top_p).softmax(-1)
+    cdf = probs.cumsum(-1)
+    token = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    # Rounding can put the draw at the very end of the CDF: fall back to the last allowed token.
+    last_allowed = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)
+    return torch.minimum(token, last_allowed)
+
+
+@torch.library.custom_op("aim_kernels::sample_next_token", mutates_args=())
+def _sample_next_token(logits: Tensor, cfg_scale: float, temperature: float, top_k: int, top_p: float,
+                       uniform: Tensor) -> Tensor:
+    return sample_next_token_ref(logits, cfg_scale, temperature, top_k, top_p, uniform)
+
+
+@_sample_next_token.register_fake
+def _(logits, cfg_scale, temperature, top_k, top_p, uniform):
+    return uniform.new_empty(uniform.shape, dtype=torch.int64)
+
+
+def check_sampling_args(cfg_scale: Optional[float], temperature: float, top_k: int, top_p: float) -> None:
+    """Raise ValueError for settings outside their meaningful range."""
+    if cfg_scale is not None and not (isinstance(cfg_scale, (int, float)) and math.isfinite(cfg_scale)
+                                      and cfg_scale >= 0):
+        raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+
+
+def sample_next_token(logits: Tensor, cfg_scale: Optional[float] = None, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+                      uniform: Optional[Tensor] = None) -> Tensor:
+    """Sample one token per row.
+
+    logits: (B, V) when cfg_scale is None; otherwise (2B, V) holding the cond rows then the uncond
+    rows, combined as uncond + (cond - uncond) * cfg_scale. The B uniforms in [0, 1) are drawn from
+    `generator` unless given. Returns int64 tokens (B,).
+    """
+    check_sampling_args(cfg_scale, temperature, top_k, top_p)
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError("logits must be (rows, vocab)")
+    check_tensor("logits", logits, tuple(logits.shape), device=logits.device)
+    if cfg_scale is not None and logits.shape[0] % 2:
+        raise ValueError(f"guided sampling needs cond rows then uncond rows, got {logits.shape[0]} rows")
+    rows = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
+    if uniform is None:
+        if generator is not None and generator.device.type != logits.device.type:
+            raise ValueError(f"generator is on {generator.device}, logits on {logits.device}")
+        uniform = torch.rand(rows, generator=generator, device=logits.device)
+    check_tensor("uniform", uniform, (rows,), device=logits.device, dtypes=(torch.float32, torch.float64))
+    return _sample_next_token(logits, float(cfg_scale or 0.0), float(temperature), int(top_k), float(top_p),
+                              uniform)

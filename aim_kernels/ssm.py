@@ -1,0 +1,318 @@
+"""Selective state-space ops: the Mamba2 chunked scan (SSD), the Mamba1 selective scan, and the
+one-step state update used by decoding (both shapes).
+
+Shapes (b batch, l seqlen, h heads, p headdim, g groups, n d_state, d channels):
+- ssd_chunk_scan: x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n), D (h,), dt_bias (h,),
+  initial_state (b, h, p, n) -> y (b, l, h, p), final_state (b, h, p, n).
+- selective_scan: u/delta/z (b, d, l), A (d, n), B/C (b, n, l), D/delta_bias (d,)
+  -> out (b, d, l), last_state (b, d, n).
+- selective_state_update: state (b, h, p, n) updated in place, x/dt/z (b, h, p), A (h, p, n),
+  B/C (b, g, n), D/dt_bias (h, p) -> out (b, h, p). Mamba2 passes A/dt/D/dt_bias broadcast over p
+  (stride 0); Mamba1 is h = 1, p = d_inner.
+States are kept in float32 (float64 for float64 inputs); outputs take x's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._util import check_tensor, compute_dtype, reference_vjp
+
+
+def _segsum(a: Tensor) -> Tensor:
+    """out[..., i, j] = sum(a[..., j+1 : i+1]) for j <= i, -inf above the diagonal (stable form)."""
+    q = a.shape[-1]
+    a = a[..., None].expand(*a.shape, q)
+    a = a.masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), -1), 0)
+    s = torch.cumsum(a, dim=-2)
+    return s.masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device)), -torch.inf)
+
+
+def ssd_chunk_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                       D: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+                       initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Mamba2 scan in the chunked (SSD) form: quadratic inside chunks, recurrent across them."""
+    cd = compute_dtype(x, dt, A, B, C)
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    xc, dtc, Ac = x.to(cd), dt.to(cd), A.to(cd)
+    if dt_bias is not None:
+        dtc = dtc + dt_bias.to(cd)
+    if dt_softplus:
+        dtc = F.softplus(dtc)
+    Bh = B.to(cd).repeat_interleave(h // g, dim=2)  # (b, l, h, n)
+    Ch = C.to(cd).repeat_interleave(h // g, dim=2)
+    pad = (-l) % chunk_size  # padded steps have dt = 0: no decay, no input
+    if pad:
+        xc, dtc, Bh, Ch = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xc, dtc, Bh, Ch))
+    c = (l + pad) // chunk_size
+
+    def chunks(t: Tensor) -> Tensor:
+        return t.reshape(b, c, chunk_size, *t.shape[2:])
+
+    X = chunks(xc * dtc[..., None])                        # (b, c, q, h, p)
+    Bq, Cq = chunks(Bh), chunks(Ch)                        # (b, c, q, h, n)
+    a = chunks(dtc * Ac).permute(0, 3, 1, 2)               # (b, h, c, q)
+    a_cum = torch.cumsum(a, dim=-1)
+    # 1. within chunks
+    Lmat = torch.exp(_segsum(a))                           # (b, h, c, q, q)
+    y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cq, Bq, Lmat, X)
+    # 2. state contributed by each chunk, at its end
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)      # (b, h, c, q)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bq, decay_to_end, X)
+    # 3. states at chunk starts, carried across chunks
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=cd, device=x.device)
+    states = torch.cat([initial_state.to(cd)[:, None], states], dim=1)
+    decay_chunk = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final_state = states[:, :-1], states[:, -1]
+    # 4. the carried state's contribution inside each chunk
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cq, states, torch.exp(a_cum))
+    y = y.reshape(b, c * chunk_size, h, p)[:, :l]
+    if D is not None:
+        y = y + xc[:, :l] * D.to(cd)[:, None]
+    return y.to(x.dtype), final_state
+
+
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor],
+                       delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    """Mamba1 scan, step by step: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t; y_t = C_t h_t + D u_t."""
+    cd = compute_dtype(u, delta, A, B, C)
+    uc, dc, Ac, Bc, Cc = u.to(cd), delta.to(cd), A.to(cd), B.to(cd), C.to(cd)
+    if delta_bias is not None:
+        dc = dc + delta_bias.to(cd)[:, None]
+    if delta_softplus:
+        dc = F.softplus(dc)
+    state = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=cd, device=u.device)
+    ys = []
+    for t in range(u.shape[2]):
+        dt = dc[:, :, t, None]
+        state = torch.exp(dt * Ac) * state + dt * Bc[:, None, :, t] * uc[:, :, t, None]
+        ys.append(torch.einsum("bdn,bn->bd", state, Cc[:, :, t]))
+    y = torch.stack(ys, dim=2)
+    if D is not None:
+        y = y + uc * D.to(cd)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y.to(u.dtype), state
+
+
+def selective_state_update_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                               D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                               dt_softplus: bool) -> Tensor:
+    cd = compute_dtype(x, dt, A, B, C)
+    h, g = x.shape[1], B.shape[1]
+    xc, dtc = x.to(cd), dt.to(cd)
+    if dt_bias is not None:
+        dtc = dtc + dt_bias.to(cd)
+    if dt_softplus:
+        dtc = F.softplus(dtc)
+    Bh = B.to(cd).repeat_interleave(h // g, dim=1)[:, :, None, :]  # (b, h, 1, n)
+    Ch = C.to(cd).repeat_interleave(h // g, dim=1)[:, :, None, :]
+    new_state = state.to(cd) * torch.exp(dtc[..., None] * A.to(cd)) + (dtc * xc)[..., None] * Bh
+    state.copy_(new_state)
+    out = (new_state * Ch).sum(-1)
+    if D is not None:
+        out = out + xc * D.to(cd)
+    if z is not None:
+        out = out * F.silu(z.to(cd))
+    return out.to(x.dtype)
+
+
+# ---- torch.library ops -------------------------------------------------------------------------
+
+def _grads_like(*tensors: Optional[Tensor]) -> list[Tensor]:
+    device = next(t.device for t in tensors if t is not None)
+    return [torch.empty(0, device=device) if t is None else torch.empty_like(t) for t in tensors]
+
+
+@torch.library.custom_op("aim_kernels::ssd_chunk_scan", mutates_args=())
+def _ssd_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                    D: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+                    initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    y, final_state = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state)
+    return y.contiguous(), final_state.contiguous()
+
+
+@_ssd_chunk_scan.register_fake
+def _(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state):
+    b, l, h, p = x.shape
+    return x.new_empty(x.shape), x.new_empty(b, h, p, B.shape[-1], dtype=compute_dtype(x, dt, A, B, C))
+
+
+@torch.library.custom_op("aim_kernels::ssd_chunk_scan_bwd", mutates_args=())
+def _ssd_chunk_scan_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                        D: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+                        initial_state: Optional[Tensor], dy: Tensor,
+                        dfinal_state: Optional[Tensor]) -> list[Tensor]:
+    def fn(x_, dt_, A_, B_, C_, D_, dtb_, init_):
+        return ssd_chunk_scan_ref(x_, dt_, A_, B_, C_, chunk_size, D_, dtb_, dt_softplus, init_)
+    return reference_vjp(fn, (x, dt, A, B, C, D, dt_bias, initial_state), (dy, dfinal_state))
+
+
+@_ssd_chunk_scan_bwd.register_fake
+def _(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, dy, dfinal_state):
+    return _grads_like(x, dt, A, B, C, D, dt_bias, initial_state)
+
+
+def _ssd_setup(ctx, inputs, output):
+    x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_state)
+    ctx.chunk_size, ctx.dt_softplus = chunk_size, dt_softplus
+    ctx.present = [t is not None for t in (D, dt_bias, initial_state)]
+
+
+def _ssd_backward(ctx, dy, dfinal_state):
+    x, dt, A, B, C, D, dt_bias, initial_state = ctx.saved_tensors
+    grads = _ssd_chunk_scan_bwd(x, dt, A, B, C, ctx.chunk_size, D, dt_bias, ctx.dt_softplus,
+                                initial_state, dy, dfinal_state)
+    dD, ddt_bias, dinit = (g if present else None for g, present in zip(grads[5:], ctx.present))
+    return (*grads[:5], None, dD, ddt_bias, None, dinit)
+
+
+_ssd_chunk_scan.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+
+
+@torch.library.custom_op("aim_kernels::selective_scan", mutates_args=())
+def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                    z: Optional[Tensor], delta_bias: Optional[Tensor],
+                    delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    out, last_state = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return out.contiguous(), last_state.contiguous()
+
+
+@_selective_scan.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[1], A.shape[1],
+                                            dtype=compute_dtype(u, delta, A, B, C))
+
+
+@torch.library.custom_op("aim_kernels::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                        z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                        dout: Tensor, dlast_state: Optional[Tensor]) -> list[Tensor]:
+    def fn(u_, delta_, A_, B_, C_, D_, z_, db_):
+        return selective_scan_ref(u_, delta_, A_, B_, C_, D_, z_, db_, delta_softplus)
+    return reference_vjp(fn, (u, delta, A, B, C, D, z, delta_bias), (dout, dlast_state))
+
+
+@_selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, dlast_state):
+    return _grads_like(u, delta, A, B, C, D, z, delta_bias)
+
+
+def _scan_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    ctx.delta_softplus = delta_softplus
+    ctx.present = [t is not None for t in (D, z, delta_bias)]
+
+
+def _scan_backward(ctx, dout, dlast_state):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    grads = _selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, dout, dlast_state)
+    optional = (g if present else None for g, present in zip(grads[5:], ctx.present))
+    return (*grads[:5], *optional, None)
+
+
+_selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
+@torch.library.custom_op("aim_kernels::selective_state_update", mutates_args=("state",))
+def _selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                            D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                            dt_softplus: bool) -> Tensor:
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus).contiguous()
+
+
+@_selective_state_update.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return x.new_empty(x.shape)
+
+
+# ---- public API --------------------------------------------------------------------------------
+
+def _check_groups(h: int, g: int) -> None:
+    if g < 1 or h % g:
+        raise ValueError(f"the number of heads ({h}) must be a multiple of the number of B/C groups ({g})")
+
+
+def ssd_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 256,
+                   D: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = True,
+                   initial_state: Optional[Tensor] = None,
+                   return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba2 selective scan with scalar A per head (see the module docstring for shapes).
+
+    dt <- softplus(dt + dt_bias); h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T; y_t = h_t C_t + D x_t.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be (batch, seqlen, heads, headdim), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    b, l, h, p = x.shape
+    dev = x.device
+    check_tensor("x", x, (b, l, h, p), device=dev)
+    check_tensor("dt", dt, (b, l, h), device=dev)
+    check_tensor("A", A, (h,), device=dev)
+    check_tensor("B", B, (b, l, None, None), device=dev)
+    g, n = B.shape[2:]
+    _check_groups(h, g)
+    check_tensor("C", C, (b, l, g, n), device=dev)
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            check_tensor(name, t, (h,), device=dev)
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, (b, h, p, n), device=dev)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    y, final_state = _ssd_chunk_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state)
+    return (y, final_state) if return_final_state else y
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                   delta_softplus: bool = True,
+                   return_last_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba1 selective scan with per-channel A (see the module docstring for shapes); out *= silu(z)."""
+    if not isinstance(u, Tensor) or u.dim() != 3:
+        raise ValueError("u must be (batch, dim, seqlen)")
+    b, d, l = u.shape
+    dev = u.device
+    check_tensor("delta", delta, (b, d, l), device=dev)
+    check_tensor("A", A, (d, None), device=dev)
+    n = A.shape[1]
+    check_tensor("B", B, (b, n, l), device=dev)
+    check_tensor("C", C, (b, n, l), device=dev)
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_tensor(name, t, (d,), device=dev)
+    if z is not None:
+        check_tensor("z", z, (b, d, l), device=dev)
+    out, last_state = _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last_state) if return_last_state else out
+
+
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = True) -> Tensor:
+    """One recurrent step; updates `state` (batch, heads, headdim, d_state) in place, returns y (b, h, p)."""
+    if not isinstance(state, Tensor) or state.dim() != 4:
+        raise ValueError("state must be (batch, heads, headdim, d_state)")
+    b, h, p, n = state.shape
+    dev = state.device
+    check_tensor("x", x, (b, h, p), device=dev)
+    check_tensor("dt", dt, (b, h, p), device=dev)
+    check_tensor("A", A, (h, p, n), device=dev)
+    check_tensor("B", B, (b, None, n), device=dev)
+    _check_groups(h, B.shape[1])
+    check_tensor("C", C, (b, B.shape[1], n), device=dev)
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            check_tensor(name, t, (h, p), device=dev)
+    if z is not None:
+        check_tensor("z", z, (b, h, p), device=dev)
+    return _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
