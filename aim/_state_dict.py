@@ -12,11 +12,11 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n" + "".join(f"    {s}\n" for s in shown).rstrip("\n") + more
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict, what: str) -> None:
+def load_state_dict_strict(module: nn.Module, state_dict: dict, what: str, assign: bool = False) -> None:
     """Load `state_dict` into `module`, requiring exactly the same keys and shapes.
 
     Values are copied into the module's existing tensors, so they take the module's dtype and
-    device. On any mismatch nothing is loaded and a ValueError lists the missing, unexpected and
+    device; with `assign=True` the given tensors replace them (for modules built on the meta device). On any mismatch nothing is loaded and a ValueError lists the missing, unexpected and
     mis-shaped keys; `what` names the source in that message (e.g. a checkpoint path).
     """
     expected = module.state_dict()
@@ -40,4 +40,4 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict, what: str) -> No
         if misshaped:
             parts.append(_listing("mis-shaped keys", misshaped))
         raise ValueError("\n".join(parts))
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)

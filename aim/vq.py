@@ -113,6 +113,10 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+def _middle(channels: int) -> nn.ModuleList:
+    return nn.ModuleList([ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)])
+
+
 class Encoder(nn.Module):
     def __init__(self, config: VQConfig):
         super().__init__()
@@ -131,7 +135,7 @@ class Encoder(nn.Module):
                 level.downsample = Downsample(block_out)
             self.conv_blocks.append(level)
         block_in = ch * ch_mult[-1]
-        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in), AttnBlock(block_in), ResnetBlock(block_in, block_in)])
+        self.mid = _middle(block_in)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, config.z_channels, kernel_size=3, padding=1)
 
@@ -155,13 +159,15 @@ class Decoder(nn.Module):
         ch, ch_mult, n_res = config.ch, config.ch_mult, config.num_res_blocks
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, block_in, kernel_size=3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in), AttnBlock(block_in), ResnetBlock(block_in, block_in)])
+        self.mid = _middle(block_in)
         # Levels from the lowest resolution up; conv_blocks[0] is the lowest.
         self.conv_blocks = nn.ModuleList()
         for k, mult in enumerate(reversed(ch_mult)):
             block_out = ch * mult
             level = nn.Module()
-            level.res = nn.ModuleList(ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(n_res + 1))
+            level.res = nn.ModuleList(
+                ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(n_res + 1)
+            )
             level.attn = nn.ModuleList(AttnBlock(block_out) for _ in range(n_res + 1) if k == 0)
             if k != len(ch_mult) - 1:
                 level.upsample = Upsample(block_out)

@@ -8,6 +8,6 @@ from .causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_updat
 __version__ = "0.1.0"
 from .norm import (adaln_modulate, adaln_modulate_ref, add_rmsnorm, add_rmsnorm_modulate,
                    add_rmsnorm_modulate_ref, add_rmsnorm_ref, rmsnorm_gated, rmsnorm_gated_ref)
-from .sampling import cfg_combine, check_sampling_args, sample_next_token, sample_next_token_ref
+from .sampling import check_sampling_args, guided_logits, sample_next_token, sample_next_token_ref
 from .ssm import (selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref,
                   ssd_chunk_scan, ssd_chunk_scan_ref)

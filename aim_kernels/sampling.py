@@ -19,8 +19,14 @@ def _widen(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def cfg_combine(logits: Tensor, cfg_scale: float) -> Tensor:
-    """Rows [cond; uncond] (2B, V) -> uncond + (cond - uncond) * cfg_scale (B, V), in float32 or wider."""
+def guided_logits(logits: Tensor, cfg_scale: Optional[float]) -> Tensor:
+    """Classifier-free guidance, in float32 or wider.
+
+    With a cfg_scale, rows [cond; uncond] (2B, V) -> uncond + (cond - uncond) * cfg_scale (B, V);
+    without, the rows themselves.
+    """
+    if cfg_scale is None:
+        return _widen(logits)
     cond, uncond = _widen(logits).chunk(2)
     return uncond + (cond - uncond) * cfg_scale
 
@@ -47,7 +53,7 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) 
 def sample_next_token_ref(logits: Tensor, cfg_scale: float, temperature: float, top_k: int, top_p: float,
                           uniform: Tensor) -> Tensor:
     rows = uniform.shape[0]
-    guided = cfg_combine(logits, cfg_scale) if logits.shape[0] == 2 * rows else _widen(logits)
+    guided = guided_logits(logits, cfg_scale if logits.shape[0] == 2 * rows else None)
     probs = filter_logits(guided, temperature, top_k, top_p).softmax(-1)
     cdf = probs.cumsum(-1)
     token = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)

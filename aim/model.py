@@ -1,0 +1,338 @@
+"""AiM stage 2: a class-conditional Mamba language model over VQ codes (AIM_SPEC §2).
+
+The module tree mirrors the official one, so `state_dict()` has the official key names
+(`mamba.backbone.layers.0.mixer.in_proj.weight`, ...). Every op goes through `aim_kernels`, so the
+same code runs the references on the CPU and the fast kernels on the GPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import aim_kernels as ak
+
+from . import checkpoint, generation
+from .config import AiMConfig
+from .vq import VQConfig, VQModel
+
+NORM_EPS = 1e-5
+LABEL_DROP_PROB = 0.1  # classifier-free guidance training: labels become the null class
+
+
+class RMSNorm(nn.Module):
+    """Holds the weight; the normalisation itself runs in the fused `aim_kernels` ops."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+def _over_seq(t: Tensor, like: Tensor) -> Tensor:
+    """(batch, dim) -> broadcastable against `like` (batch, [seqlen,] dim)."""
+    return t.unsqueeze(1) if like.dim() == 3 else t
+
+
+def _inv_softplus(x: Tensor) -> Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def _sample_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:
+    """mamba_ssm's dt initialisation: log-uniform in [dt_min, dt_max]."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return dt.clamp(min=floor)
+
+
+class Mamba2Mixer(nn.Module):
+    """mamba_ssm's Mamba2 with AiM's settings: scalar A per head, shared B/C, gated RMSNorm."""
+
+    def __init__(self, config: AiMConfig):
+        super().__init__()
+        m = config.mixer
+        self.d_inner, self.d_state, self.ngroups = config.d_inner, m["d_state"], m["ngroups"]
+        self.headdim, self.chunk_size = m["headdim"], m["chunk_size"]
+        self.nheads = self.d_inner // self.headdim
+        conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
+        self.in_proj = nn.Linear(config.d_model, self.d_inner + conv_dim + self.nheads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, m["d_conv"], groups=conv_dim, padding=m["d_conv"] - 1)
+        self.dt_bias = nn.Parameter(_inv_softplus(_sample_dt(self.nheads)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm = RMSNorm(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
+
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        conv_dim = self.conv1d.weight.shape[0]
+        return zxbcdt.split([self.d_inner, conv_dim, self.nheads], dim=-1)
+
+    def _out(self, y: Tensor, z: Tensor) -> Tensor:
+        y = ak.rmsnorm_gated(y, z, self.norm.weight, NORM_EPS, self.d_inner // self.ngroups)
+        return self.out_proj(y)
+
+    def forward(self, u: Tensor) -> Tensor:
+        """Full sequence: u (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+        z, xBC, dt = self._split(self.in_proj(u))
+        xBC = ak.causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                               "silu").transpose(1, 2)
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        y = ak.ssd_chunk_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(self.A_log.float()),
+                              B.unflatten(-1, (self.ngroups, self.d_state)),
+                              C.unflatten(-1, (self.ngroups, self.d_state)), self.chunk_size,
+                              D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        return self._out(y.flatten(-2), z)
+
+    def step(self, u: Tensor, cache: tuple[Tensor, Tensor]) -> Tensor:
+        """One token: u (batch, d_model); updates the (conv_state, ssm_state) cache in place."""
+        conv_state, ssm_state = cache
+        z, xBC, dt = self._split(self.in_proj(u))
+        xBC = ak.causal_conv1d_update(xBC, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        h, p, n = self.nheads, self.headdim, self.d_state
+        y = ak.selective_state_update(
+            ssm_state, x.unflatten(-1, (h, p)), dt[..., None].expand(-1, h, p),
+            -torch.exp(self.A_log.float())[:, None, None].expand(h, p, n),
+            B.unflatten(-1, (self.ngroups, n)), C.unflatten(-1, (self.ngroups, n)),
+            D=self.D[:, None].expand(h, p), dt_bias=self.dt_bias[:, None].expand(h, p), dt_softplus=True)
+        return self._out(y.flatten(-2), z)
+
+    def allocate_cache(self, batch: int, device, dtype, state_dtype) -> tuple[Tensor, Tensor]:
+        conv_dim, width = self.conv1d.weight.shape[0], self.conv1d.weight.shape[-1]
+        return (torch.zeros(batch, conv_dim, width - 1, device=device, dtype=dtype),
+                torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=state_dtype))
+
+
+class Mamba1Mixer(nn.Module):
+    """mamba_ssm's Mamba (v1): per-channel A (d_inner, d_state), input-dependent B, C and dt."""
+
+    def __init__(self, config: AiMConfig):
+        super().__init__()
+        m = config.mixer
+        self.d_inner, self.d_state, self.dt_rank = config.d_inner, m["d_state"], m["dt_rank"]
+        self.in_proj = nn.Linear(config.d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, m["d_conv"], groups=self.d_inner,
+                                padding=m["d_conv"] - 1)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(_inv_softplus(_sample_dt(self.d_inner)))
+        self.dt_proj.bias._no_reinit = True
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1).float()).repeat(self.d_inner, 1))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
+
+    def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C  # dt_proj's bias is added inside the scan
+
+    def forward(self, u: Tensor) -> Tensor:
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x = ak.causal_conv1d(x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
+        y = ak.selective_scan(x, dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
+                              C.transpose(1, 2), D=self.D, z=z.transpose(1, 2), delta_bias=self.dt_proj.bias,
+                              delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, u: Tensor, cache: tuple[Tensor, Tensor]) -> Tensor:
+        conv_state, ssm_state = cache
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x = ak.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        dt, B, C = self._ssm_inputs(x)
+        y = ak.selective_state_update(  # Mamba1 is one head of headdim d_inner
+            ssm_state, x[:, None], dt[:, None], -torch.exp(self.A_log.float())[None], B[:, None], C[:, None],
+            D=self.D[None], z=z[:, None], dt_bias=self.dt_proj.bias[None], dt_softplus=True)
+        return self.out_proj(y[:, 0])
+
+    def allocate_cache(self, batch: int, device, dtype, state_dtype) -> tuple[Tensor, Tensor]:
+        width = self.conv1d.weight.shape[-1]
+        return (torch.zeros(batch, self.d_inner, width - 1, device=device, dtype=dtype),
+                torch.zeros(batch, 1, self.d_inner, self.d_state, device=device, dtype=state_dtype))
+
+
+class Block(nn.Module):
+    """residual += hidden; h = RMSNorm(residual) * (1 + scale) + shift; hidden = gate * mixer(h)."""
+
+    def __init__(self, config: AiMConfig):
+        super().__init__()
+        d = config.d_model
+        self.norm = RMSNorm(d)
+        self.mixer = (Mamba2Mixer if config.layer == "Mamba2" else Mamba1Mixer)(config)
+        self.mixer_drop = config.mixer_drop
+        if config.adaln_group:
+            self.scale_shift_table = nn.Parameter(torch.randn(1, 3, d) / d ** 0.5)
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 3 * d))
+
+    def forward(self, hidden: Tensor, residual: Optional[Tensor], modulation: Tensor,
+                cache: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        """hidden/residual (batch, [seqlen,] d); modulation (batch, 3, d) = (shift, scale, gate).
+
+        With a cache, hidden is one token (batch, d) and the mixer takes a recurrent step.
+        """
+        shift, scale, gate = modulation.unbind(1)
+        h, residual = ak.add_rmsnorm_modulate(hidden, residual, self.norm.weight, shift, scale, NORM_EPS)
+        h = self.mixer(h) if cache is None else self.mixer.step(h, cache)
+        h = F.dropout(_over_seq(gate, h) * h, self.mixer_drop, self.training)
+        return h, residual
+
+
+class AiM(nn.Module):
+    """AiM: `mamba` (the stage-2 language model) and, optionally, `vqvae` (the LlamaGen tokenizer).
+
+    model(tokens, labels) -> teacher-forced logits; see aim.generate for sampling.
+    """
+
+    def __init__(self, config: AiMConfig, vq_config: Optional[VQConfig] = None):
+        super().__init__()
+        self.config = config
+        d, c = config.d_model, config
+        backbone = nn.Module()
+        backbone.embeddings = nn.ModuleDict(dict(
+            word_embeddings=nn.Embedding(c.vocab_size, d),
+            position_embeddings=nn.Embedding(c.num_tokens + 1, d)))
+        backbone.cls_embed = nn.ModuleDict(dict(embedding_table=nn.Embedding(c.num_classes + 1, d)))
+        if c.adaln_group:
+            backbone.adaln_group = nn.Sequential(nn.SiLU(), nn.Linear(d, c.num_groups * 3 * d))
+        backbone.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        backbone.norm_f = RMSNorm(d)
+        backbone.final_layer = nn.ModuleDict(dict(
+            norm_final=RMSNorm(d), adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))))
+        self.mamba = nn.Module()
+        self.mamba.backbone = backbone
+        self.mamba.lm_head = nn.Linear(d, c.vocab_size, bias=False)
+        self._init_weights()
+        self.tie_weights()
+        self.vqvae = VQModel(vq_config) if vq_config is not None else None
+
+    # ---- parameters ----------------------------------------------------------------------------
+    @property
+    def backbone(self) -> nn.Module:
+        return self.mamba.backbone
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.mamba.lm_head.weight = self.backbone.embeddings.word_embeddings.weight
+
+    def _init_weights(self) -> None:
+        """The official initialisation (GPT-2 style, DiT-style zeroed adaLN outputs)."""
+        n_layer = self.config.n_layer
+        for module in self.mamba.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None \
+                    and not getattr(module.bias, "_no_reinit", False):
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for layer in self.backbone.layers:
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(n_layer)
+            if not self.config.adaln_group:
+                nn.init.zeros_(layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.backbone.final_layer.adaLN_modulation[-1].weight)
+
+    def num_params(self) -> int:
+        """Stage-2 parameters, the tied head counted once (the official get_num_params)."""
+        return sum(p.numel() for p in self.mamba.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.mamba.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mamba.lm_head.weight.dtype
+
+    # ---- the model -----------------------------------------------------------------------------
+    def check_labels(self, labels: Tensor, allow_null: bool = False) -> Tensor:
+        """Class ids as int64 on the model's device; raises ValueError when out of range."""
+        labels = torch.as_tensor(labels, device=self.device)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+        labels = labels.reshape(-1).long()
+        hi = self.config.num_classes + (1 if allow_null else 0)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= hi:
+            raise ValueError(f"labels must be non-empty class ids in [0, {hi}), got {labels.tolist()[:16]}")
+        return labels
+
+    def class_embedding(self, labels: Tensor) -> Tensor:
+        """(B,) class ids, null class = num_classes -> (B, d). Labels are dropped only in training."""
+        if self.training and LABEL_DROP_PROB > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < LABEL_DROP_PROB
+            labels = torch.where(drop, self.config.num_classes, labels)
+        return self.backbone.cls_embed.embedding_table(labels)
+
+    def conditioning(self, cond: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Class-only adaLN parameters: per block (B, 3, d) = (shift, scale, gate); final (B, 2, d).
+
+        With adaLN-group, block i uses piece i % G of the shared projection (interleaved).
+        """
+        c, b, d = self.config, cond.shape[0], self.config.d_model
+        layers = self.backbone.layers
+        if c.adaln_group:
+            pieces = self.backbone.adaln_group(cond).view(b, c.num_groups * 3, d).chunk(c.num_groups, dim=1)
+            mods = [pieces[i % c.num_groups] + layer.scale_shift_table for i, layer in enumerate(layers)]
+        else:
+            mods = [layer.adaLN_modulation(cond).view(b, 3, d) for layer in layers]
+        final = self.backbone.final_layer.adaLN_modulation(cond).view(b, 2, d)
+        return mods, final
+
+    def embed_tokens(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        emb = self.backbone.embeddings
+        h = F.dropout(emb.word_embeddings(tokens), self.config.token_drop, self.training)
+        return h + emb.position_embeddings(positions)
+
+    def head(self, hidden: Tensor, residual: Tensor, final_mod: Tensor) -> Tensor:
+        """norm_f(hidden + residual) -> RMSNorm -> adaLN modulate -> lm_head."""
+        bb = self.backbone
+        h, _ = ak.add_rmsnorm(hidden, residual, bb.norm_f.weight, NORM_EPS)
+        shift, scale = final_mod.unbind(1)
+        h, _ = ak.add_rmsnorm_modulate(h, None, bb.final_layer.norm_final.weight, shift, scale, NORM_EPS)
+        return self.mamba.lm_head(h)
+
+    def forward(self, tokens: Tensor, labels: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """Teacher-forced logits (B, num_tokens, vocab) for image tokens (B, num_tokens) and classes (B,).
+
+        The input is [class] + tokens[:-1]; token k gets position id k (`positions` overrides the
+        ids of tokens[:-1], e.g. arange(1, num_tokens) for the official decoding convention).
+        """
+        c = self.config
+        if tokens.dim() != 2 or tokens.shape[1] != c.num_tokens:
+            raise ValueError(f"tokens must be (batch, {c.num_tokens}), got {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.min() < 0 or tokens.max() >= c.vocab_size:
+            raise ValueError(f"tokens must be integer ids in [0, {c.vocab_size})")
+        labels = self.check_labels(labels, allow_null=True)
+        if labels.shape[0] != tokens.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for a batch of {tokens.shape[0]} token rows")
+        tokens = tokens.to(self.device)
+        if positions is None:
+            positions = torch.arange(c.num_tokens - 1, device=self.device)
+        cond = self.class_embedding(labels)
+        mods, final_mod = self.conditioning(cond)
+        hidden = torch.cat([cond[:, None], self.embed_tokens(tokens[:, :-1], positions)], dim=1)
+        residual = None
+        for layer, mod in zip(self.backbone.layers, mods):
+            hidden, residual = layer(hidden, residual, mod)
+        return self.head(hidden, residual, final_mod)
+
+    def step(self, hidden: Tensor, cache: list, mods: list[Tensor], final_mod: Tensor) -> Tensor:
+        """One decoding step: hidden (R, d) -> logits (R, vocab); updates `cache` in place."""
+        residual = None
+        for layer, mod, layer_cache in zip(self.backbone.layers, mods, cache):
+            hidden, residual = layer(hidden, residual, mod, cache=layer_cache)
+        return self.head(hidden, residual, final_mod)
+
+    def allocate_cache(self, rows: int, state_dtype: Optional[torch.dtype] = None) -> list:
+        """Per layer (conv_state, ssm_state); the SSM state is float32 by default (float64 models: float64)."""
+        state_dtype = state_dtype or torch.promote_types(self.dtype, torch.float32)
+        return [layer.mixer.allocate_cache(rows, self.device, self.dtype, state_dtype)
+                for layer in self.backbone.layers]
+
+    # ---- generation and checkpoints, defined beside the sampler and the loader --------------------
+    generate_tokens = generation.generate_tokens
+    generate = generation.generate
+    from_pretrained = classmethod(checkpoint.load_pretrained)
+    save_pretrained = checkpoint.save_pretrained
