@@ -61,7 +61,7 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
 def load_pretrained(cls, path_or_repo_id: str, device=None, dtype: Optional[torch.dtype] = None):
     """Load an official AiM checkpoint (directory or hub id such as "hp-l33/aim-large").
 
-    The tokenizer is loaded when the checkpoint holds `vqvae.*` weights (VQ-f16 shape); a
+    The tokenizer is loaded when the checkpoint holds `vqvae.*` weights (its shape read off them); a
     stage-2-only checkpoint gives a model with `vqvae = None`. Weights are kept as stored (float32)
     unless `dtype` is given.
     """
@@ -80,7 +80,7 @@ def load_pretrained(cls, path_or_repo_id: str, device=None, dtype: Optional[torc
         state[LM_HEAD] = state[WORD_EMBEDDINGS]  # the module lists the shared weight under both names
     has_vq = any(k.startswith("vqvae.") for k in state)
     with torch.device("meta"):
-        model = cls(config, vq_config=VQConfig() if has_vq else None)
+        model = cls(config, vq_config=VQConfig.from_state_dict(state, "vqvae.") if has_vq else None)
     load_state_dict_strict(model, state, f"checkpoint {directory}", assign=True)
     model.tie_weights()
     return model.to(device=device, dtype=dtype).eval()

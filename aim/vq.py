@@ -48,6 +48,26 @@ class VQConfig:
                 )
 
 
+    @classmethod
+    def from_state_dict(cls, state: dict, prefix: str = "") -> "VQConfig":
+        """Infer the shape from a state dict's tensor shapes (official checkpoints store no VQ config)."""
+        try:
+            n_embed, embed_dim = state[prefix + "quantize.embedding.weight"].shape
+            z_channels = state[prefix + "post_quant_conv.weight"].shape[0]
+            out_channels, ch = state[prefix + "decoder.conv_out.weight"].shape[:2]
+            in_channels = state[prefix + "encoder.conv_in.weight"].shape[1]
+            levels = 1 + max(int(k[len(prefix):].split(".")[2]) for k in state
+                             if k.startswith(prefix + "encoder.conv_blocks."))
+            ch_mult = tuple(state[f"{prefix}encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch
+                            for i in range(levels))
+            num_res_blocks = 1 + max(int(k[len(prefix):].split(".")[4]) for k in state
+                                     if k.startswith(prefix + "encoder.conv_blocks.0.res."))
+        except (KeyError, ValueError, IndexError) as e:
+            raise ValueError(f"cannot infer the VQ tokenizer's shape from the {prefix!r} weights: {e!r}") from None
+        return cls(n_embed=n_embed, embed_dim=embed_dim, z_channels=z_channels, ch=ch, ch_mult=ch_mult,
+                   num_res_blocks=num_res_blocks, in_channels=in_channels, out_channels=out_channels)
+
+
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 

@@ -1,0 +1,85 @@
+"""The `aim` command line: `aim generate` writes a PNG grid of samples."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .config import PRESETS, AiMConfig
+from .image import make_grid, to_uint8, write_png
+from .model import AiM
+from .vq import VQConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(args) -> AiM:
+    device, dtype = _device(args.device), DTYPES[args.dtype]
+    if args.checkpoint:
+        return AiM.from_pretrained(args.checkpoint, device=device, dtype=dtype)
+    print(f"*** RANDOM WEIGHTS: {args.preset} with an untrained tokenizer. The image is noise; it shows the "
+          f"pipeline runs. Pass --checkpoint hp-l33/aim-base (or a local directory) for real samples. ***",
+          file=sys.stderr)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = AiM(AiMConfig.from_preset(args.preset), vq_config=VQConfig())
+    return model.to(dtype).eval()
+
+
+def cmd_generate(args) -> None:
+    model = load_model(args)
+    generator = torch.Generator(model.device).manual_seed(args.seed)
+    labels = (torch.tensor(args.classes) if args.classes else
+              torch.randint(model.config.num_classes, (args.batch,), generator=generator, device=model.device))
+    start = time.perf_counter()
+    tokens = model.generate_tokens(labels, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, generator=generator, progress=True)
+    side = int(model.config.num_tokens ** 0.5)
+    images = model.vqvae.decode_code(tokens.view(-1, side, side))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    write_png(args.out, make_grid(to_uint8(images), nrow=args.nrow))
+    print(f"wrote {args.out}: {len(labels)} images, classes {labels.tolist()}, {seconds:.2f} s on {model.device}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aim", description="AiM image generation with aim-kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="sample images and write a PNG grid")
+    gen.add_argument("--checkpoint", help="official checkpoint directory or hub id (e.g. hp-l33/aim-base); "
+                                          "without it, a random-weights demo of --preset")
+    gen.add_argument("--preset", default="AiM-B", choices=sorted(PRESETS), help="model for the random-weights demo")
+    gen.add_argument("--classes", type=int, nargs="+", help="ImageNet class ids (default: random)")
+    gen.add_argument("--batch", type=int, default=4, help="number of images when --classes is not given")
+    gen.add_argument("--cfg-scale", type=float, default=2.0)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    gen.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    gen.add_argument("--nrow", type=int, default=0, help="images per grid row (default: square)")
+    gen.add_argument("--out", default="samples.png")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:  # bad input: a message, not a traceback
+        raise SystemExit(f"aim {args.command}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The AiM model against the official implementation's golden vectors (float64), presets, decode/forward
+agreement and input validation."""
+import json
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aim import AiM, AiMConfig
+from aim._state_dict import load_state_dict_strict
+
+DATA = pathlib.Path(__file__).parent / "data"
+CASES = {name: case for name, case in json.loads((DATA / "index.json").read_text())["cases"].items()
+         if name.startswith("lm_")}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err == err, "NaN in output"
+    return err
+
+
+def golden_model(name: str) -> tuple[AiM, dict]:
+    data = load_file(DATA / CASES[name]["file"])
+    model = AiM(AiMConfig.from_dict(CASES[name]["official_config"])).double().eval()
+    weights = {k: v for k, v in data.items() if k.startswith("mamba.")}
+    weights["mamba.lm_head.weight"] = weights["mamba.backbone.embeddings.word_embeddings.weight"]
+    load_state_dict_strict(model, weights, name)
+    model.tie_weights()
+    return model, data
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def golden(request):
+    model, data = golden_model(request.param)
+    return request.param, model, data
+
+
+def test_golden_train_logits(golden):
+    name, model, data = golden
+    logits = model(data["inputs.tokens"], data["inputs.labels"])
+    assert logits.shape == data["expected.train_logits"].shape
+    assert rel_err(logits, data["expected.train_logits"]) < 1e-6
+
+
+def test_golden_decode_logits(golden):
+    name, model, data = golden
+    tokens, logits = model.generate_tokens(data["inputs.labels"], cfg_scale=CASES[name]["cfg_scale"],
+                                           forced_tokens=data["inputs.tokens"], return_logits=True)
+    assert torch.equal(tokens, data["inputs.tokens"])
+    assert rel_err(logits, data["expected.decode_logits"]) < 1e-6
+
+
+@pytest.mark.parametrize("convention,offset", [("official", 1), ("train", 0)])
+def test_decode_equals_forward(golden, convention, offset):
+    """Teacher-forced decoding (no guidance) equals the full-sequence forward with matching position ids."""
+    name, model, data = golden
+    tokens, labels = data["inputs.tokens"], data["inputs.labels"]
+    _, logits = model.generate_tokens(labels, cfg_scale=1.0, forced_tokens=tokens, return_logits=True,
+                                      decode_positions=convention)
+    n = model.config.num_tokens
+    forward = model(tokens, labels, positions=torch.arange(offset, n - 1 + offset))
+    assert rel_err(logits, forward) < 1e-12
+
+
+def test_guided_decode_combines_cond_and_uncond(golden):
+    name, model, data = golden
+    tokens, labels = data["inputs.tokens"], data["inputs.labels"]
+    null = torch.full_like(labels, model.config.num_classes)
+    pos = torch.arange(1, model.config.num_tokens)
+    cond, uncond = model(tokens, labels, positions=pos), model(tokens, null, positions=pos)
+    _, guided = model.generate_tokens(labels, cfg_scale=3.0, forced_tokens=tokens, return_logits=True)
+    assert rel_err(guided, uncond + (cond - uncond) * 3.0) < 1e-12
+
+
+@pytest.mark.parametrize("preset,count", [("AiM-B", 147.62e6), ("AiM-L", 349.76e6), ("AiM-XL", 763.29e6)])
+def test_preset_parameter_counts(preset, count):
+    with torch.device("meta"):
+        model = AiM(AiMConfig.from_preset(preset))
+    assert round(model.num_params() / 1e4) == round(count / 1e4)
+
+
+def test_aim_1b_preset_shape():
+    with torch.device("meta"):
+        model = AiM(AiMConfig.from_preset("AiM-1B"))
+    assert model.config.d_model == 2048 and model.config.n_layer == 48
+    assert 1.33e9 < model.num_params() < 1.35e9
+
+
+def small_model(**overrides) -> AiM:
+    cfg = dict(d_model=64, n_layer=2, vocab_size=64, num_classes=5, num_tokens=9, num_groups=2,
+               ssm_cfg={"layer": "Mamba2", "headdim": 16, "d_state": 8, "chunk_size": 4})
+    return AiM(AiMConfig(**{**cfg, **overrides})).double().eval()
+
+
+def test_sampled_generation_is_reproducible_and_in_range():
+    model = small_model()
+    labels = torch.tensor([0, 4, 2])
+    a = model.generate_tokens(labels, cfg_scale=2.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = model.generate_tokens(labels, cfg_scale=2.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (3, 9) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() < 64
+
+
+def test_generation_respects_top_k():
+    """Every sampled token is among the top-k guided logits of its step (teacher-forced replay)."""
+    model = small_model()
+    labels = torch.tensor([1, 3])
+    tokens = model.generate_tokens(labels, cfg_scale=1.5, top_k=3, generator=torch.Generator().manual_seed(0))
+    _, logits = model.generate_tokens(labels, cfg_scale=1.5, forced_tokens=tokens, return_logits=True)
+    kth = logits.topk(3, dim=-1).values[..., -1]
+    assert (logits.gather(-1, tokens[..., None])[..., 0] >= kth).all()
+
+
+def test_label_dropout_only_in_training():
+    model = small_model()
+    tokens, labels = torch.randint(64, (64, 9)), torch.zeros(64, dtype=torch.long)
+    assert torch.equal(model(tokens, labels), model(tokens, labels))
+    model.train()
+    torch.manual_seed(0)
+    out = model(tokens, labels)
+    null = model(tokens, torch.full_like(labels, 5)).detach()
+    dropped = [(out[i] - null[i]).abs().max() < 1e-12 for i in range(64)]
+    assert 0 < sum(dropped) < 64  # p = 0.1: some rows dropped, most kept
+
+
+def test_mamba1_small_decode_equals_forward():
+    model = small_model(ssm_cfg={"layer": "Mamba1", "d_state": 4})
+    tokens, labels = torch.randint(64, (2, 9)), torch.tensor([1, 2])
+    _, logits = model.generate_tokens(labels, cfg_scale=1.0, forced_tokens=tokens, return_logits=True,
+                                      decode_positions="train")
+    assert rel_err(logits, model(tokens, labels)) < 1e-12
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(labels=[5]), "labels"),
+    (dict(labels=[-1]), "labels"),
+    (dict(labels=[0.5]), "labels"),
+    (dict(labels=[0], cfg_scale=float("nan")), "cfg_scale"),
+    (dict(labels=[0], temperature=0.0), "temperature"),
+    (dict(labels=[0], top_p=0.0), "top_p"),
+    (dict(labels=[0], top_p=1.5), "top_p"),
+    (dict(labels=[0], top_k=-1), "top_k"),
+    (dict(labels=[0], decode_positions="shifted"), "decode_positions"),
+    (dict(labels=[0], forced_tokens=torch.zeros(1, 8, dtype=torch.long)), "forced_tokens"),
+    (dict(labels=[0], forced_tokens=torch.full((1, 9), 64)), "forced_tokens"),
+])
+def test_generate_tokens_rejects_bad_input(kwargs, match):
+    model = small_model()
+    with pytest.raises(ValueError, match=match):
+        model.generate_tokens(**kwargs)
+
+
+@pytest.mark.parametrize("tokens,labels,match", [
+    (torch.zeros(2, 8, dtype=torch.long), [0, 1], "tokens"),
+    (torch.full((2, 9), 64), [0, 1], "tokens"),
+    (torch.zeros(2, 9), [0, 1], "tokens"),
+    (torch.zeros(2, 9, dtype=torch.long), [0, 9], "labels"),
+    (torch.zeros(2, 9, dtype=torch.long), [0], "labels"),
+])
+def test_forward_rejects_bad_input(tokens, labels, match):
+    with pytest.raises(ValueError, match=match):
+        small_model()(tokens, torch.tensor(labels))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(d_intermediate=512), "d_intermediate"),
+    (dict(attn_layer_idx=[1]), "attn_layer_idx"),
+    (dict(ssm_cfg={"layer": "Mamba3"}), "Mamba3"),
+    (dict(ssm_cfg={"layer": "Mamba2", "headdim": 48}), "headdim"),
+    (dict(d_model=0), "d_model"),
+])
+def test_config_rejects_unsupported(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        AiMConfig(**overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="AiM-B"):
+        AiMConfig.from_preset("AiM-Huge")
