@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -51,6 +52,15 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.out}: {len(labels)} images, classes {labels.tolist()}, {seconds:.2f} s on {model.device}")
 
 
+def cmd_bench_generate(args) -> None:
+    from . import bench
+    results = bench.main(args)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aim", description="AiM image generation with aim-kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--nrow", type=int, default=0, help="images per grid row (default: square)")
     gen.add_argument("--out", default="samples.png")
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
+    bgen = bench.add_parser("generate", help="sampling speed vs the official stack and the byte floor (GPU)")
+    bgen.add_argument("--presets", nargs="+", default=["AiM-B", "AiM-L", "AiM-XL"], choices=sorted(PRESETS))
+    bgen.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    bgen.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    bgen.add_argument("--cfg-scale", type=float, default=2.0)
+    bgen.add_argument("--repeats", type=int, default=3)
+    bgen.add_argument("--with-vq", action="store_true", help="also time the VQ decode at batch 64")
+    bgen.add_argument("--json", help="append one JSON object per result to this file")
+    bgen.set_defaults(func=cmd_bench_generate)
     return parser
 
 

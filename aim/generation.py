@@ -4,9 +4,16 @@ Compared with the official decode loop (AIM_SPEC §5): the class-only adaLN cond
 once per call, B rows are sampled instead of 2B, temperature is honoured, and the position ids
 follow the official decoding convention by default (token t_{k-1} fed at step k gets id k) or the
 training-consistent one (id k - 1) with `decode_positions="train"`.
+
+Each step reads its step number from a device tensor, so the same code runs eagerly (CPU, tests,
+teacher forcing) and, on CUDA, as CUDA graphs captured once per (model, batch, settings): a prologue
+graph (conditioning, cache reset) and a graph of STEPS_PER_GRAPH steps replayed num_tokens /
+STEPS_PER_GRAPH times. The uniforms of the draws come from the caller's generator up front, so eager
+and graph runs give the same tokens.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,6 +23,113 @@ from tqdm.auto import tqdm
 import aim_kernels as ak
 
 DECODE_POSITIONS = ("official", "train")
+STEPS_PER_GRAPH = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    cfg_scale: float
+    temperature: float
+    top_k: int
+    top_p: float
+    decode_positions: str
+    state_dtype: torch.dtype
+
+    @property
+    def guidance(self) -> Optional[float]:
+        """The scale, or None at 1.0: then the guided logits are the cond logits and the uncond rows are skipped."""
+        return None if self.cfg_scale == 1.0 else self.cfg_scale
+
+
+class Decoding:
+    """The device state of one generation: inputs, conditioning, cache, step counter, outputs."""
+
+    def __init__(self, model, labels: Tensor, s: Settings, uniform: Optional[Tensor],
+                 forced_tokens: Optional[Tensor], return_logits: bool):
+        c, batch = model.config, labels.shape[0]
+        self.model, self.s = model, s
+        self.labels, self.uniform, self.forced_tokens = labels, uniform, forced_tokens
+        self.num_rows = 2 * batch if s.guidance is not None else batch
+        self.cache = model.allocate_cache(self.num_rows, s.state_dtype)
+        self.step = torch.zeros((), dtype=torch.long, device=labels.device)
+        self.prev_token = torch.zeros(batch, dtype=torch.long, device=labels.device)
+        self.tokens = torch.zeros(batch, c.num_tokens, dtype=torch.long, device=labels.device)
+        self.logits = (torch.empty(batch, c.num_tokens, c.vocab_size, device=labels.device,
+                                   dtype=torch.promote_types(model.dtype, torch.float32)) if return_logits else None)
+
+    def prologue(self) -> None:
+        """Class-only conditioning (once per generation) and a fresh cache."""
+        labels, null = self.labels, self.model.config.num_classes
+        rows = torch.cat([labels, torch.full_like(labels, null)]) if self.s.guidance is not None else labels
+        self.cond = self.model.class_embedding(rows)
+        self.mods, self.final_mod = self.model.conditioning(self.cond)
+        for conv_state, ssm_state in self.cache:
+            conv_state.zero_()
+            ssm_state.zero_()
+        self.step.zero_()
+
+    def advance(self) -> None:
+        """Step k feeds the class embedding (k = 0) or token t_{k-1}, and writes token t_k."""
+        model, s, k = self.model, self.s, self.step
+        position = k if s.decode_positions == "official" else (k - 1).clamp_min(0)
+        prev = self.prev_token.repeat(self.num_rows // self.prev_token.shape[0])
+        hidden = torch.where(k == 0, self.cond, model.embed_tokens(prev, position.expand(self.num_rows)))
+        logits = model.step(hidden, self.cache, self.mods, self.final_mod)
+        at = k.view(1)
+        if self.logits is not None:
+            self.logits.index_copy_(1, at, ak.guided_logits(logits, s.guidance)[:, None])
+        if self.forced_tokens is not None:
+            token = self.forced_tokens.index_select(1, at)[:, 0]
+        else:
+            token = ak.sample_next_token(logits, s.guidance, s.temperature, s.top_k, s.top_p,
+                                         uniform=self.uniform.index_select(1, at)[:, 0])
+        self.tokens.index_copy_(1, at, token[:, None])
+        self.prev_token.copy_(token)
+        self.step += 1
+
+
+class DecodeGraph:
+    """CUDA graphs of one generation for fixed (model weights, batch, settings)."""
+
+    def __init__(self, model, batch: int, s: Settings):
+        self.weights = _weight_pointers(model)
+        n = model.config.num_tokens
+        self.steps = max(k for k in range(1, STEPS_PER_GRAPH + 1) if n % k == 0)
+        labels = torch.zeros(batch, dtype=torch.long, device=model.device)
+        self.run = Decoding(model, labels, s, torch.rand(batch, n, device=model.device), None, False)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up: allocator, cuBLAS handles, Triton compilation
+            self.run.prologue()
+            for _ in range(self.steps):
+                self.run.advance()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.prologue, self.advance = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.prologue):
+            self.run.prologue()
+        with torch.cuda.graph(self.advance, pool=self.prologue.pool()):
+            for _ in range(self.steps):
+                self.run.advance()
+
+    def __call__(self, labels: Tensor, uniform: Tensor) -> Tensor:
+        self.run.labels.copy_(labels)
+        self.run.uniform.copy_(uniform)
+        self.prologue.replay()
+        for _ in range(self.run.tokens.shape[1] // self.steps):
+            self.advance.replay()
+        return self.run.tokens.clone()
+
+
+def _weight_pointers(model) -> tuple:
+    return tuple(t.data_ptr() for t in model.state_dict().values())
+
+
+def _graph_for(model, batch: int, s: Settings) -> DecodeGraph:
+    graphs = model.__dict__.setdefault("_decode_graphs", {})
+    graph = graphs.get((batch, s))
+    if graph is None or graph.weights != _weight_pointers(model):  # weights moved: capture again
+        graphs[(batch, s)] = graph = DecodeGraph(model, batch, s)
+    return graph
 
 
 @torch.no_grad()
@@ -23,7 +137,7 @@ def generate_tokens(model, labels, cfg_scale: float = 1.5, temperature: float = 
                     top_p: float = 1.0, generator: Optional[torch.Generator] = None,
                     forced_tokens: Optional[Tensor] = None, return_logits: bool = False,
                     decode_positions: str = "official", state_dtype: Optional[torch.dtype] = None,
-                    progress: bool = False):
+                    cuda_graph: bool = True, progress: bool = False):
     """Sample image tokens (B, num_tokens) for class ids `labels` (B,).
 
     cfg_scale: guidance; 1.0 runs the cond rows only (identical logits, half the work).
@@ -32,6 +146,8 @@ def generate_tokens(model, labels, cfg_scale: float = 1.5, temperature: float = 
         temperature and filtering.
     decode_positions: "official" (default, what the released checkpoints were evaluated with) or "train".
     state_dtype: SSM state dtype (default float32; float64 for float64 models).
+    cuda_graph: on CUDA, replay graphs captured on the first call with these settings (sampling
+        only; teacher forcing and return_logits run eagerly).
     """
     c = model.config
     ak.check_sampling_args(cfg_scale, temperature, top_k, top_p)
@@ -48,36 +164,22 @@ def generate_tokens(model, labels, cfg_scale: float = 1.5, temperature: float = 
             raise ValueError(f"forced_tokens must lie in [0, {c.vocab_size})")
     if generator is not None and generator.device.type != model.device.type:
         raise ValueError(f"generator is on {generator.device}, the model on {model.device}")
-
-    guided = cfg_scale != 1.0
-    rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if guided else labels
+    settings = Settings(float(cfg_scale), float(temperature), int(top_k), float(top_p), decode_positions,
+                        state_dtype or torch.promote_types(model.dtype, torch.float32))
+    uniform = None if forced_tokens is not None else torch.rand(batch, c.num_tokens, generator=generator,
+                                                                device=model.device)
     was_training = model.training
     model.eval()
     try:
-        cond = model.class_embedding(rows)
-        mods, final_mod = model.conditioning(cond)
-        cache = model.allocate_cache(rows.shape[0], state_dtype)
-        tokens = torch.empty(batch, c.num_tokens, dtype=torch.long, device=model.device)
-        all_logits = [] if return_logits else None
-        hidden = cond
-        for k in tqdm(range(c.num_tokens), desc="tokens", disable=not progress, leave=False):
-            logits = model.step(hidden, cache, mods, final_mod)
-            if return_logits:
-                all_logits.append(ak.guided_logits(logits, cfg_scale if guided else None))
-            if forced_tokens is not None:
-                token = forced_tokens[:, k]
-            else:
-                token = ak.sample_next_token(logits, cfg_scale if guided else None, temperature, top_k, top_p,
-                                             generator=generator)
-            tokens[:, k] = token
-            if k + 1 == c.num_tokens:
-                break
-            position = k + 1 if decode_positions == "official" else k
-            hidden = model.embed_tokens(token.repeat(2) if guided else token,
-                                        torch.full((rows.shape[0],), position, device=model.device))
+        if cuda_graph and model.device.type == "cuda" and forced_tokens is None and not return_logits:
+            return _graph_for(model, batch, settings)(labels, uniform)
+        run = Decoding(model, labels, settings, uniform, forced_tokens, return_logits)
+        run.prologue()
+        for _ in tqdm(range(c.num_tokens), desc="tokens", disable=not progress, leave=False):
+            run.advance()
     finally:
         model.train(was_training)
-    return (tokens, torch.stack(all_logits, dim=1)) if return_logits else tokens
+    return (run.tokens, run.logits) if return_logits else run.tokens
 
 
 @torch.no_grad()
@@ -86,8 +188,8 @@ def generate(model, c=None, batch: int = 4, temperature: float = 1.0, top_k: int
              **kwargs) -> Tensor:
     """The official API: images (B, 3, 256, 256), the raw VQ decoder output (about [-1, 1], unclamped).
 
-    c: class ids (B,) or (B, 1); random classes for `batch` images when None. `fast` is accepted
-    for compatibility. Further keyword arguments go to `generate_tokens`.
+    c: class ids (B,) or (B, 1); random classes for `batch` images when None. `fast` (the official
+    CUDA-graph switch) maps to `cuda_graph`. Further keyword arguments go to `generate_tokens`.
     """
     if model.vqvae is None:
         raise ValueError("this model has no VQ tokenizer (a stage-2-only checkpoint): use "
@@ -95,6 +197,6 @@ def generate(model, c=None, batch: int = 4, temperature: float = 1.0, top_k: int
     if c is None:
         c = torch.randint(model.config.num_classes, (batch,), generator=generator, device=model.device)
     tokens = generate_tokens(model, c, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                             generator=generator, **kwargs)
+                             generator=generator, cuda_graph=fast, **kwargs)
     side = int(model.config.num_tokens ** 0.5)
     return model.vqvae.decode_code(tokens.view(-1, side, side))
