@@ -82,3 +82,9 @@ def reference_vjp(fn: Callable[..., tuple], inputs: Sequence[Optional[Tensor]],
             # clone: autograd may hand the same tensor to several inputs; op outputs must not alias
             result.append(torch.zeros_like(t) if g is None else g.clone())
     return result
+
+
+def placeholder_grads(*tensors: Optional[Tensor]) -> list[Tensor]:
+    """Fake-tensor outputs of a reference backward: one gradient per input, empty for None inputs."""
+    device = next(t.device for t in tensors if t is not None)
+    return [torch.empty(0, device=device) if t is None else torch.empty_like(t) for t in tensors]

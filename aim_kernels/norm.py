@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._util import check_tensor, compute_dtype, reference_vjp
+from ._util import check_tensor, compute_dtype, placeholder_grads, reference_vjp
 
 
 def _rms(x: Tensor, eps: float) -> Tensor:
@@ -60,11 +60,6 @@ def add_rmsnorm_modulate_ref(x: Tensor, residual: Optional[Tensor], weight: Tens
 
 # ---- torch.library ops (forward, reference backward by recomputation) --------------------------
 
-def _placeholder_grads(*tensors: Optional[Tensor]) -> list[Tensor]:
-    device = next(t.device for t in tensors if t is not None)
-    return [torch.empty(0, device=device) if t is None else torch.empty_like(t) for t in tensors]
-
-
 @torch.library.custom_op("aim_kernels::rmsnorm_gated", mutates_args=())
 def _rmsnorm_gated(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, group_size: int) -> Tensor:
     return rmsnorm_gated_ref(x, z, weight, eps, group_size).contiguous()
@@ -84,7 +79,7 @@ def _rmsnorm_gated_bwd(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: floa
 
 @_rmsnorm_gated_bwd.register_fake
 def _(x, z, weight, eps, group_size, dout):
-    return _placeholder_grads(x, z, weight)
+    return placeholder_grads(x, z, weight)
 
 
 def _rmsnorm_gated_setup(ctx, inputs, output):
@@ -132,7 +127,7 @@ def _add_rmsnorm_modulate_bwd(x: Tensor, residual: Optional[Tensor], weight: Ten
 
 @_add_rmsnorm_modulate_bwd.register_fake
 def _(x, residual, weight, shift, scale, eps, dout, dresidual_out):
-    return _placeholder_grads(x, residual, weight, shift, scale)
+    return placeholder_grads(x, residual, weight, shift, scale)
 
 
 def _arm_setup(ctx, inputs, output):
@@ -167,7 +162,7 @@ def _adaln_modulate_bwd(x: Tensor, shift: Tensor, scale: Tensor, dout: Tensor) -
 
 @_adaln_modulate_bwd.register_fake
 def _(x, shift, scale, dout):
-    return _placeholder_grads(x, shift, scale)
+    return placeholder_grads(x, shift, scale)
 
 
 def _mod_setup(ctx, inputs, output):

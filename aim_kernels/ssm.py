@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._util import check_tensor, compute_dtype, reference_vjp
+from ._util import check_tensor, compute_dtype, placeholder_grads, reference_vjp
 
 
 def _segsum(a: Tensor) -> Tensor:
@@ -126,11 +126,6 @@ def selective_state_update_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, 
 
 # ---- torch.library ops -------------------------------------------------------------------------
 
-def _grads_like(*tensors: Optional[Tensor]) -> list[Tensor]:
-    device = next(t.device for t in tensors if t is not None)
-    return [torch.empty(0, device=device) if t is None else torch.empty_like(t) for t in tensors]
-
-
 @torch.library.custom_op("aim_kernels::ssd_chunk_scan", mutates_args=())
 def _ssd_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
                     D: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
@@ -157,7 +152,7 @@ def _ssd_chunk_scan_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
 
 @_ssd_chunk_scan_bwd.register_fake
 def _(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state, dy, dfinal_state):
-    return _grads_like(x, dt, A, B, C, D, dt_bias, initial_state)
+    return placeholder_grads(x, dt, A, B, C, D, dt_bias, initial_state)
 
 
 def _ssd_setup(ctx, inputs, output):
@@ -203,7 +198,7 @@ def _selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
 
 @_selective_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, dlast_state):
-    return _grads_like(u, delta, A, B, C, D, z, delta_bias)
+    return placeholder_grads(u, delta, A, B, C, D, z, delta_bias)
 
 
 def _scan_setup(ctx, inputs, output):
