@@ -277,6 +277,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         raise ValueError("u must be (batch, dim, seqlen)")
     b, d, l = u.shape
     dev = u.device
+    check_tensor("u", u, (b, d, l), device=dev)
     check_tensor("delta", delta, (b, d, l), device=dev)
     check_tensor("A", A, (d, None), device=dev)
     n = A.shape[1]
@@ -299,6 +300,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         raise ValueError("state must be (batch, heads, headdim, d_state)")
     b, h, p, n = state.shape
     dev = state.device
+    check_tensor("state", state, (b, h, p, n), device=dev)
     check_tensor("x", x, (b, h, p), device=dev)
     check_tensor("dt", dt, (b, h, p), device=dev)
     check_tensor("A", A, (h, p, n), device=dev)
