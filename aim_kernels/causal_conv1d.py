@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _ext
 from ._util import check_tensor, compute_dtype, reference_vjp
 
 MAX_WIDTH = 4
@@ -65,6 +66,8 @@ def _causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: 
                                (x, weight, bias), (dout,))
     out = torch.empty_like(x)
     out.copy_(dx)
+    if bias is None:  # match the fake: an empty dbias of x's dtype (reference_vjp gives the default dtype)
+        db = torch.empty(0, device=x.device, dtype=x.dtype)
     return out, dw, db
 
 
@@ -99,6 +102,71 @@ def _causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: O
 @_causal_conv1d_update.register_fake
 def _(x, conv_state, weight, bias, silu):
     return torch.empty_like(x)
+
+
+# ---- CUDA backend (aim_kernels._C, csrc/causal_conv1d/) ------------------------------------------
+# Registered for the CUDA dispatch key of the three ops above through aim_kernels._ext (one mechanism
+# for every compiled or Triton backend); inputs it does not support fall back to the reference.
+
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def not_supported_reasons(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                          conv_state: Optional[Tensor] = None, dout: Optional[Tensor] = None) -> list[str]:
+    """Why the CUDA kernels cannot run these inputs (empty list: they can).
+
+    x is (batch, dim, seqlen) for the full-sequence ops and (batch, dim) for the update step, which
+    also passes conv_state; the backward passes dout.
+    """
+    reasons = _ext.cuda_unavailable_reasons(x.device, "cuda")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _CUDA_DTYPES:
+            reasons.append(f"{name} is {t.dtype}; the CUDA kernel takes float32, bfloat16 or float16")
+    if weight.dim() != 2 or not 2 <= weight.shape[-1] <= MAX_WIDTH:
+        reasons.append(f"weight must be (dim, width) with width 2..{MAX_WIDTH}, got {tuple(weight.shape)}")
+    for name, t in (("conv_state", conv_state), ("dout", dout)):
+        if t is not None and t.dtype != x.dtype:
+            reasons.append(f"{name} is {t.dtype} but x is {x.dtype}; the CUDA kernel needs them equal")
+    return reasons
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    out = torch.empty_like(x)
+    torch.ops.aim_kernels_cuda.causal_conv1d_fwd(x, _f32(weight), _f32(bias), out, silu)
+    return out
+
+
+def _causal_conv1d_bwd_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], dout: Tensor,
+                            silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dim, width = weight.shape
+    dx = torch.empty_like(x)
+    dwb = torch.zeros(dim, width + 1, device=x.device, dtype=torch.float32)  # [dweight | dbias], float32 sums
+    torch.ops.aim_kernels_cuda.causal_conv1d_bwd(x, _f32(weight), _f32(bias), dout, dx, dwb, silu)
+    dw = dwb[:, :width].to(weight.dtype, memory_format=torch.contiguous_format, copy=True)
+    if bias is None:
+        db = torch.empty(0, device=x.device, dtype=x.dtype)
+    else:
+        db = dwb[:, width].to(bias.dtype, memory_format=torch.contiguous_format, copy=True)
+    return dx, dw, db
+
+
+def _causal_conv1d_update_cuda(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
+                               silu: bool) -> Tensor:
+    out = torch.empty_like(x)
+    torch.ops.aim_kernels_cuda.causal_conv1d_update(x, conv_state, _f32(weight), _f32(bias), out, silu)
+    return out
+
+
+_ext.register_backend(_causal_conv1d, "cuda", device_type="cuda", impl=_causal_conv1d_cuda,
+                      not_supported_reasons=lambda x, w, b, silu: not_supported_reasons(x, w, b))
+_ext.register_backend(_causal_conv1d_bwd, "cuda", device_type="cuda", impl=_causal_conv1d_bwd_cuda,
+                      not_supported_reasons=lambda x, w, b, dout, silu: not_supported_reasons(x, w, b, dout=dout))
+_ext.register_backend(_causal_conv1d_update, "cuda", device_type="cuda", impl=_causal_conv1d_update_cuda,
+                      not_supported_reasons=lambda x, s, w, b, silu: not_supported_reasons(x, w, b, conv_state=s))
 
 
 # ---- public API --------------------------------------------------------------------------------
@@ -145,4 +213,5 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
     return _causal_conv1d_update(x, conv_state, weight, bias, activation == "silu")
 
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_ref", "causal_conv1d_update_ref"]
+__all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_ref", "causal_conv1d_update_ref",
+           "not_supported_reasons"]

@@ -1,0 +1,166 @@
+// The one translation unit that includes torch headers: it defines the compiled low-level ops in the
+// `aim_kernels_cuda` namespace (TORCH_LIBRARY, no pybind11) and implements them for the CUDA dispatch
+// key by checking the tensors and calling the torch-free launchers in csrc/<kernel>/*.cu.
+//
+// The ops are "out" style: the caller (Python, aim_kernels/*.py) allocates every output, so the
+// layout policy (torch.empty_like(x)) lives next to the reference and the fake implementations.
+// Python registers them on the public `aim_kernels::` ops; see aim_kernels/_ext.py.
+//
+// Keep this the only file including torch headers: each such file costs about a minute of build on
+// two cores. A new kernel adds its launcher header, its schemas and its impls here.
+#include <Python.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "causal_conv1d/causal_conv1d.h"
+
+#define AIMK_STR2(x) #x
+#define AIMK_STR(x) AIMK_STR2(x)
+#ifndef AIMK_CUDA_ARCHS
+#define AIMK_CUDA_ARCHS unknown
+#endif
+
+namespace {
+
+aimk::DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return aimk::kFloat32;
+    case at::kBFloat16: return aimk::kBFloat16;
+    case at::kHalf: return aimk::kFloat16;
+    default: TORCH_CHECK(false, "aim_kernels_cuda: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_on(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), "aim_kernels_cuda: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == ref.device(), "aim_kernels_cuda: ", name, " is on ", t.device(), ", x on ", ref.device());
+}
+
+void check_params(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t dim) {
+  check_on(weight, "weight", x);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == dim,
+              "aim_kernels_cuda: weight must be a contiguous float32 (dim, width) tensor");
+  TORCH_CHECK(weight.size(1) >= 2 && weight.size(1) <= 4, "aim_kernels_cuda: width must be 2..4, got ", weight.size(1));
+  if (bias.has_value()) {
+    check_on(*bias, "bias", x);
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == dim,
+                "aim_kernels_cuda: bias must be a contiguous float32 (dim,) tensor");
+  }
+}
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_on(t, name, x);
+  TORCH_CHECK(t.sizes() == x.sizes(), "aim_kernels_cuda: ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "aim_kernels_cuda: ", name, " must have x's dtype");
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "aim_kernels_cuda: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+aimk::ConvParams conv_params(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& out, bool silu) {
+  TORCH_CHECK(x.dim() == 3, "aim_kernels_cuda: x must be (batch, dim, seqlen)");
+  check_params(x, weight, bias, x.size(1));
+  check_same(out, "out", x);
+  aimk::ConvParams p{};
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.weight = weight.data_ptr<float>();
+  p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  p.batch = x.size(0); p.dim = x.size(1); p.seqlen = x.size(2);
+  p.x_sb = x.stride(0); p.x_sd = x.stride(1); p.x_st = x.stride(2);
+  p.o_sb = out.stride(0); p.o_sd = out.stride(1); p.o_st = out.stride(2);
+  p.width = static_cast<int>(weight.size(1));
+  p.silu = silu;
+  p.dtype = dtype_of(x, "x");
+  return p;
+}
+
+void causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& out, bool silu) {
+  check_on(x, "x", x);
+  c10::cuda::CUDAGuard guard(x.device());
+  aimk::ConvParams p = conv_params(x, weight, bias, out, silu);
+  check_launch(aimk::causal_conv1d_fwd(p, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
+               "causal_conv1d_fwd");
+}
+
+void causal_conv1d_bwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& dout, const at::Tensor& dx, const at::Tensor& dweight_bias, bool silu) {
+  check_on(x, "x", x);
+  c10::cuda::CUDAGuard guard(x.device());
+  aimk::ConvParams p = conv_params(x, weight, bias, dx, silu);
+  check_same(dout, "dout", x);
+  check_on(dweight_bias, "dweight_bias", x);
+  TORCH_CHECK(dweight_bias.scalar_type() == at::kFloat && dweight_bias.is_contiguous() && dweight_bias.dim() == 2 &&
+                  dweight_bias.size(0) == p.dim && dweight_bias.size(1) == p.width + 1,
+              "aim_kernels_cuda: dweight_bias must be a contiguous float32 (dim, width + 1) tensor");
+  p.dout = dout.data_ptr();
+  p.g_sb = dout.stride(0); p.g_sd = dout.stride(1); p.g_st = dout.stride(2);
+  p.dweight_bias = dweight_bias.data_ptr<float>();
+  check_launch(aimk::causal_conv1d_bwd(p, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
+               "causal_conv1d_bwd");
+}
+
+void causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& out, bool silu) {
+  check_on(x, "x", x);
+  c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 2, "aim_kernels_cuda: x must be (batch, dim)");
+  check_params(x, weight, bias, x.size(1));
+  check_same(out, "out", x);
+  check_on(conv_state, "conv_state", x);
+  TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(0) == x.size(0) && conv_state.size(1) == x.size(1),
+              "aim_kernels_cuda: conv_state must be (batch, dim, state_len)");
+  TORCH_CHECK(conv_state.size(2) >= weight.size(1) - 1, "aim_kernels_cuda: conv_state holds ", conv_state.size(2),
+              " steps, width ", weight.size(1), " needs ", weight.size(1) - 1);
+  TORCH_CHECK(conv_state.scalar_type() == x.scalar_type(), "aim_kernels_cuda: conv_state must have x's dtype");
+  aimk::UpdateParams p{};
+  p.x = x.data_ptr();
+  p.state = conv_state.data_ptr();
+  p.out = out.data_ptr();
+  p.weight = weight.data_ptr<float>();
+  p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  p.batch = x.size(0); p.dim = x.size(1); p.state_len = conv_state.size(2);
+  p.x_sb = x.stride(0); p.x_sd = x.stride(1);
+  p.s_sb = conv_state.stride(0); p.s_sd = conv_state.stride(1); p.s_st = conv_state.stride(2);
+  p.o_sb = out.stride(0); p.o_sd = out.stride(1);
+  p.width = static_cast<int>(weight.size(1));
+  p.silu = silu;
+  p.dtype = dtype_of(x, "x");
+  check_launch(aimk::causal_conv1d_update(p, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
+               "causal_conv1d_update");
+}
+
+std::string build_info() {
+  return std::string("cuda_archs=") + AIMK_STR(AIMK_CUDA_ARCHS) + ";cuda_version=" + std::to_string(CUDART_VERSION);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(aim_kernels_cuda, m) {
+  m.def("build_info() -> str", &build_info);
+  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool silu) -> ()");
+  m.def("causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor dout, Tensor(a!) dx, "
+        "Tensor(b!) dweight_bias, bool silu) -> ()");
+  m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, Tensor(b!) out, "
+        "bool silu) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(aim_kernels_cuda, CUDA, m) {
+  m.impl("causal_conv1d_fwd", &causal_conv1d_fwd);
+  m.impl("causal_conv1d_bwd", &causal_conv1d_bwd);
+  m.impl("causal_conv1d_update", &causal_conv1d_update);
+}
+
+// An empty Python module, so `import aim_kernels._C` works too (loading the library registers the
+// ops); it uses only the limited C API, so the file does not depend on the Python version (abi3).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
