@@ -87,16 +87,10 @@ class Mamba2Mixer(nn.Module):
     def step(self, u: Tensor, cache: tuple[Tensor, Tensor]) -> Tensor:
         """One token: u (batch, d_model); updates the (conv_state, ssm_state) cache in place."""
         conv_state, ssm_state = cache
-        z, xBC, dt = self._split(self.in_proj(u))
-        xBC = ak.causal_conv1d_update(xBC, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
-        h, p, n = self.nheads, self.headdim, self.d_state
-        y = ak.selective_state_update(
-            ssm_state, x.unflatten(-1, (h, p)), dt[..., None].expand(-1, h, p),
-            -torch.exp(self.A_log.float())[:, None, None].expand(h, p, n),
-            B.unflatten(-1, (self.ngroups, n)), C.unflatten(-1, (self.ngroups, n)),
-            D=self.D[:, None].expand(h, p), dt_bias=self.dt_bias[:, None].expand(h, p), dt_softplus=True)
-        return self._out(y.flatten(-2), z)
+        y = ak.mamba2_decode_step(self.in_proj(u), conv_state, ssm_state, self.conv1d.weight.squeeze(1),
+                                  self.conv1d.bias, -torch.exp(self.A_log.float()), self.D, self.dt_bias,
+                                  self.norm.weight, NORM_EPS, self.headdim, self.ngroups)
+        return self.out_proj(y)
 
     def allocate_cache(self, batch: int, device, dtype, state_dtype) -> tuple[Tensor, Tensor]:
         conv_dim, width = self.conv1d.weight.shape[0], self.conv1d.weight.shape[-1]

@@ -1,0 +1,349 @@
+"""The fused Mamba2 decode step: causal conv update + SSM state update + gated RMSNorm in one op.
+
+One token per row. zxbcdt (R, 2*d_inner + 2*G*N + H) is the in_proj output, laid out
+[z (d_inner) | x (d_inner) | B (G*N) | C (G*N) | dt (H)]; conv_state (R, conv_dim, S) with
+conv_dim = d_inner + 2*G*N and S >= W-1 (newest input last) and ssm_state (R, H, P, N) are updated
+in place; the result is y (R, d_inner) = RMSNorm_group(ssm_out * silu(z)) * norm_weight, ready for
+out_proj. `mamba2_decode_step_ref` is exactly the un-fused composition the model used before
+(causal_conv1d_update_ref, selective_state_update_ref, rmsnorm_gated_ref).
+
+The Triton backend (CUDA, or CPU tensors under TRITON_INTERPRET=1 through
+`mamba2_decode_step_triton`) keeps every intermediate in float32 registers and makes two launches:
+
+1. grid (R, H, P / P_PER_PROGRAM). A program owns P_PER_PROGRAM x-channels of one head (the whole
+   head at large R; fewer at small R so the grid still fills the GPU): their conv, the state rows
+   in (BLOCK_P, N) tiles (read, update, write: the bytes that matter), v = (state.C + D x) * silu(z)
+   into a float32 scratch with the partial sum of v^2, and, last, its x-channels' conv_state shift
+   (no other program reads them). It also recomputes the conv of its group's B and C channels
+   (2N channels, L2-resident), which every program of the group reads -- so kernel 1 must not shift
+   the B/C conv_state (a program could read a window another program already shifted).
+2. grid (R, G). A program sums its group's v^2 partials, writes out = v * rstd * norm_weight in the
+   output dtype, and shifts the group's B/C conv_state: kernel 1 has finished, so no reader is left.
+
+Per step this moves the state once in and once out (the official selective_state_update does the
+same), plus O(R * (d_inner + G*N)) bytes for the rest; the unfused path adds the xBC, y and z
+round trips and three more launches.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from ._util import check_tensor
+from .causal_conv1d import MAX_WIDTH, causal_conv1d_update_ref
+from .norm import rmsnorm_gated_ref
+from .ssm import selective_state_update_ref
+
+try:
+    import triton
+    import triton.language as tl
+    _TRITON_ERROR: Optional[str] = None
+except Exception as e:  # noqa: BLE001 - any import failure means "no Triton backend"
+    triton = tl = None
+    _TRITON_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+
+
+def _sizes(zxbcdt: Tensor, conv_weight: Tensor, norm_weight: Tensor, A: Tensor, headdim: int,
+           ngroups: int) -> tuple[int, int, int, int, int, int]:
+    """(R, d_inner, conv_dim, H, P, N) from the argument shapes."""
+    d_inner, conv_dim, nheads = norm_weight.shape[0], conv_weight.shape[0], A.shape[0]
+    return zxbcdt.shape[0], d_inner, conv_dim, nheads, headdim, (conv_dim - d_inner) // (2 * ngroups)
+
+
+def mamba2_decode_step_ref(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                           conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor,
+                           norm_weight: Tensor, eps: float, headdim: int, ngroups: int) -> Tensor:
+    _, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A, headdim, ngroups)
+    z, xBC, dt = zxbcdt.split([d_inner, conv_dim, h], dim=-1)
+    xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, True)
+    x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], dim=-1)
+    y = selective_state_update_ref(
+        ssm_state, x.unflatten(-1, (h, p)), dt[..., None].expand(-1, h, p), A[:, None, None].expand(h, p, n),
+        B.unflatten(-1, (ngroups, n)), C.unflatten(-1, (ngroups, n)), D[:, None].expand(h, p), None,
+        dt_bias[:, None].expand(h, p), True)
+    return rmsnorm_gated_ref(y.flatten(-2), z, norm_weight, eps, d_inner // ngroups)
+
+
+# ---- torch.library op --------------------------------------------------------------------------
+
+@torch.library.custom_op("aim_kernels::mamba2_decode_step", mutates_args=("conv_state", "ssm_state"))
+def _mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                        conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                        eps: float, headdim: int, ngroups: int) -> Tensor:
+    return mamba2_decode_step_ref(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias,
+                                  norm_weight, eps, headdim, ngroups).contiguous()
+
+
+@_mamba2_decode_step.register_fake
+def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias, norm_weight, eps, headdim, ngroups):
+    return zxbcdt.new_empty(zxbcdt.shape[0], norm_weight.shape[0])
+
+
+# ---- Triton backend ----------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_reasons() -> list[str]:
+    reasons = []
+    if _ext._disabled("triton"):
+        reasons.append(f"disabled by AIM_KERNELS_DISABLE={os.environ.get('AIM_KERNELS_DISABLE')}")
+    if _TRITON_ERROR is not None:
+        reasons.append(_TRITON_ERROR)
+    return reasons
+
+
+def _triton_unavailable_reasons() -> list[str]:
+    """Machine-level reasons, for aim_kernels.info (the backend serves the CUDA dispatch key)."""
+    reasons = _triton_reasons()
+    if not torch.cuda.is_available():
+        reasons.append("no CUDA device (torch.cuda.is_available() is False)")
+    return reasons
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_DTYPES = (torch.float32, torch.bfloat16)
+MAX_POW2_DIM = 256
+TILE_ELEMENTS = 2048  # state elements per loop iteration of a program (16 per thread at 4 warps)
+NUM_WARPS = 4
+
+
+def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                          conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                          eps: float, headdim: int, ngroups: int) -> list[str]:
+    """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
+    reasons = _triton_reasons()
+    if zxbcdt.device.type != "cuda" and not _interpreting():
+        reasons.append(f"inputs are on {zxbcdt.device}, not a CUDA device (and TRITON_INTERPRET is not set)")
+    for name, t in (("zxbcdt", zxbcdt), ("conv_state", conv_state), ("conv_weight", conv_weight),
+                    ("conv_bias", conv_bias), ("D", D), ("dt_bias", dt_bias), ("norm_weight", norm_weight)):
+        if t is not None and t.dtype not in _TRITON_DTYPES:
+            reasons.append(f"{name} is {t.dtype}; the Triton kernel takes float32, bfloat16 or float16")
+    if A.dtype not in _TRITON_DTYPES:
+        reasons.append(f"A is {A.dtype}; the Triton kernel takes float32, bfloat16 or float16")
+    if ssm_state.dtype not in _STATE_DTYPES:
+        reasons.append(f"ssm_state is {ssm_state.dtype}; the Triton kernel keeps it in float32 or bfloat16")
+    if conv_weight.shape[1] > MAX_WIDTH:
+        reasons.append(f"conv width {conv_weight.shape[1]} > {MAX_WIDTH}")
+    p, n = ssm_state.shape[2], ssm_state.shape[3]
+    for name, v in (("headdim", p), ("d_state", n)):
+        if v & (v - 1) or v > MAX_POW2_DIM:
+            reasons.append(f"{name} {v} is not a power of two <= {MAX_POW2_DIM}")
+    if zxbcdt.dim() == 2 and zxbcdt.stride(1) != 1:
+        reasons.append("zxbcdt's channels are not contiguous (stride(1) != 1)")
+    if ssm_state.stride(3) != 1:
+        reasons.append("ssm_state's d_state dimension is not contiguous (stride(3) != 1)")
+    return reasons
+
+
+def _p_per_program(rows: int, nheads: int, headdim: int) -> int:
+    """Split heads into P-ranges until the grid has ~2048 programs (batch 1 has only R = 2 rows).
+
+    Tuned on an H200 (AiM-XL, H = 48): R = 128 whole heads, R = 32 halves, R = 2 quarters.
+    """
+    block = headdim
+    while block > 16 and rows * nheads * (headdim // block) < 2048:
+        block //= 2
+    return block
+
+
+def _alloc_outputs(rows: int, d_inner: int, n_partials: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """out (R, d_inner) in the model dtype; float32 scratch: v (R, d_inner) and v^2 partials."""
+    return (torch.empty(rows, d_inner, dtype=dtype, device=device),
+            torch.empty(rows, d_inner, dtype=torch.float32, device=device),
+            torch.empty(rows, n_partials, dtype=torch.float32, device=device))
+
+
+if triton is not None:
+    @triton.jit
+    def _conv_silu(xbc_ptr, state_ptr, w_ptr, b_ptr, c, S, stride_cc, stride_cs, stride_wc, stride_wk,
+                   W: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """silu(bias + sum_k w[c, k] * window[c, k]) for conv channels c, window = [state taps, new input]."""
+        acc = tl.load(xbc_ptr + c).to(tl.float32) * tl.load(w_ptr + c * stride_wc + (W - 1) * stride_wk).to(tl.float32)
+        for k in tl.static_range(W - 1):
+            tap = tl.load(state_ptr + c * stride_cc + (S - (W - 1) + k) * stride_cs).to(tl.float32)
+            acc += tap * tl.load(w_ptr + c * stride_wc + k * stride_wk).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c).to(tl.float32)
+        return acc * tl.sigmoid(acc)
+
+    @triton.jit
+    def _shift_conv_state(xbc_ptr, state_ptr, c, S, stride_cc, stride_cs, BLOCK_S: tl.constexpr):
+        """state[c, :] = [state[c, 1:], new input] for conv channels c."""
+        s = tl.arange(0, BLOCK_S)[None, :]
+        ptrs = state_ptr + c[:, None] * stride_cc + s * stride_cs
+        newer = tl.load(ptrs + stride_cs, mask=s + 1 < S, other=0.0)
+        x_new = tl.load(xbc_ptr + c).to(newer.dtype)
+        new = tl.where(s == S - 1, x_new[:, None], newer)
+        # The block's threads read and write overlapping addresses: every read lands before any write.
+        tl.debug_barrier()
+        tl.store(ptrs, new, mask=s < S)
+
+    @triton.jit
+    def _ssm_step_kernel(zxbcdt_ptr, conv_state_ptr, ssm_state_ptr, conv_w_ptr, conv_b_ptr, A_ptr, D_ptr,
+                         dt_bias_ptr, v_ptr, sumsq_ptr,
+                         stride_zr, stride_cr, stride_cc, stride_cs, stride_sr, stride_sh, stride_sp,
+                         stride_wc, stride_wk, S, H, GN, HEADS_PER_GROUP,
+                         P: tl.constexpr, N: tl.constexpr, W: tl.constexpr, P_PER_PROGRAM: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        pb = tl.program_id(2)
+        g = h // HEADS_PER_GROUP
+        d_inner = H * P
+        n = tl.arange(0, N)
+        z_row = zxbcdt_ptr + r * stride_zr
+        xbc_row = z_row + d_inner
+        cs_row = conv_state_ptr + r * stride_cr
+        p0 = h * P + pb * P_PER_PROGRAM  # this program's x channels: no other program reads their conv_state
+        s_head = ssm_state_ptr + r * stride_sr + h * stride_sh + (pb * P_PER_PROGRAM) * stride_sp
+        state_first = tl.load(s_head + tl.arange(0, BLOCK_P)[:, None] * stride_sp + n[None, :])  # in flight early
+
+        # B and C of the group: recomputed by each program, amortised over its P_PER_PROGRAM rows
+        B = _conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + g * N + n, S, stride_cc, stride_cs,
+                       stride_wc, stride_wk, W, HAS_BIAS)
+        C = _conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + GN + g * N + n, S, stride_cc, stride_cs,
+                       stride_wc, stride_wk, W, HAS_BIAS)
+        # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
+        dt = tl.load(z_row + 2 * d_inner + 2 * GN + h).to(tl.float64) + tl.load(dt_bias_ptr + h).to(tl.float64)
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
+        dA = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+        skip = tl.load(D_ptr + h).to(tl.float32)
+
+        sumsq = 0.0
+        for i in tl.static_range(P_PER_PROGRAM // BLOCK_P):
+            p = i * BLOCK_P + tl.arange(0, BLOCK_P)
+            s_ptrs = s_head + p[:, None] * stride_sp + n[None, :]
+            if i == 0:
+                state = state_first
+            else:
+                state = tl.load(s_ptrs)
+            x = _conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, p0 + p, S, stride_cc, stride_cs, stride_wc,
+                           stride_wk, W, HAS_BIAS)
+            state = state.to(tl.float32) * dA + (dt * x)[:, None] * B[None, :]
+            tl.store(s_ptrs, state.to(ssm_state_ptr.dtype.element_ty))
+            y = tl.sum(state * C[None, :], axis=1) + skip * x
+            z = tl.load(z_row + p0 + p).to(tl.float32)
+            v = y * z * tl.sigmoid(z)
+            tl.store(v_ptr + r * d_inner + p0 + p, v)
+            sumsq += tl.sum(v * v, axis=0)
+        tl.store(sumsq_ptr + (r * H + h) * tl.num_programs(2) + pb, sumsq)
+        _shift_conv_state(xbc_row, cs_row, p0 + tl.arange(0, P_PER_PROGRAM), S, stride_cc, stride_cs, BLOCK_S)
+
+    @triton.jit
+    def _norm_shift_kernel(zxbcdt_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_ptr,
+                           stride_zr, stride_cr, stride_cc, stride_cs, S, eps, D_INNER, GN, GROUP_SIZE,
+                           PARTIALS_PER_GROUP, N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        G = tl.num_programs(1)
+        i = tl.arange(0, BLOCK_PARTS)
+        parts = tl.load(sumsq_ptr + (r * G + g) * PARTIALS_PER_GROUP + i, mask=i < PARTIALS_PER_GROUP, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / GROUP_SIZE + eps)
+        for d0 in range(0, GROUP_SIZE, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            mask = d < GROUP_SIZE
+            d += g * GROUP_SIZE
+            v = tl.load(v_ptr + r * D_INNER + d, mask=mask, other=0.0)
+            w = tl.load(norm_w_ptr + d, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + r * D_INNER + d, (v * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+        # kernel 1 (every reader of this group's B/C conv windows) is done: shift them now
+        j = tl.arange(0, 2 * N)
+        c = D_INNER + tl.where(j < N, g * N + j, GN + g * N + (j - N))
+        _shift_conv_state(zxbcdt_ptr + r * stride_zr + D_INNER, conv_state_ptr + r * stride_cr, c, S,
+                          stride_cc, stride_cs, BLOCK_S)
+
+
+def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                              conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor,
+                              norm_weight: Tensor, eps: float, headdim: int, ngroups: int) -> Tensor:
+    """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests)."""
+    reasons = not_supported_reasons(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias,
+                                    norm_weight, eps, headdim, ngroups)
+    if reasons:
+        raise ValueError("the Triton mamba2_decode_step cannot run these inputs: " + "; ".join(reasons))
+    rows, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A, headdim, ngroups)
+    width, state_len = conv_weight.shape[1], conv_state.shape[2]
+    p_per_program = _p_per_program(rows, h, p)
+    block_p = min(p_per_program, max(1, TILE_ELEMENTS // n))
+    p_blocks = p // p_per_program
+    out, v, sumsq = _alloc_outputs(rows, d_inner, h * p_blocks, zxbcdt.dtype, zxbcdt.device)
+    if rows == 0:
+        return out
+    conv_weight, A, D, dt_bias, norm_weight = (t.contiguous() for t in (conv_weight, A, D, dt_bias, norm_weight))
+    conv_bias = conv_bias.contiguous() if conv_bias is not None else None
+    block_s = triton.next_power_of_2(state_len)
+    _ssm_step_kernel[(rows, h, p_blocks)](
+        zxbcdt, conv_state, ssm_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
+        A, D, dt_bias, v, sumsq,
+        zxbcdt.stride(0), *conv_state.stride(), *ssm_state.stride()[:3], *conv_weight.stride(),
+        state_len, h, ngroups * n, h // ngroups,
+        P=p, N=n, W=width, P_PER_PROGRAM=p_per_program, BLOCK_P=block_p, BLOCK_S=block_s,
+        HAS_BIAS=conv_bias is not None, num_warps=NUM_WARPS)
+    group_size = d_inner // ngroups
+    parts_per_group = h * p_blocks // ngroups
+    _norm_shift_kernel[(rows, ngroups)](
+        zxbcdt, conv_state, v, sumsq, norm_weight, out,
+        zxbcdt.stride(0), *conv_state.stride(), state_len, eps, d_inner, ngroups * n, group_size, parts_per_group,
+        N=n, BLOCK_D=min(triton.next_power_of_2(group_size), 1024),
+        BLOCK_PARTS=triton.next_power_of_2(parts_per_group), BLOCK_S=block_s, num_warps=4)
+    return out
+
+
+_ext.register_backend(_mamba2_decode_step, "triton", device_type="cuda", impl=mamba2_decode_step_triton,
+                      not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton_unavailable_reasons)
+
+
+# ---- public API --------------------------------------------------------------------------------
+
+def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                       conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                       eps: float, headdim: int, ngroups: int) -> Tensor:
+    """One Mamba2 decode step from the in_proj output to the out_proj input (see the module docstring).
+
+    zxbcdt (R, 2*d_inner + 2*G*N + H); conv_state (R, conv_dim, S) and ssm_state (R, H, P, N) are
+    updated in place; conv_weight (conv_dim, W), W in 2..4; conv_bias (conv_dim,) or None;
+    A, D, dt_bias (H,); norm_weight (d_inner,). Returns y (R, d_inner) in zxbcdt's dtype.
+    """
+    if not isinstance(zxbcdt, Tensor) or zxbcdt.dim() != 2:
+        raise ValueError(f"zxbcdt must be (rows, 2*d_inner + 2*ngroups*d_state + nheads), got "
+                         f"{tuple(zxbcdt.shape) if isinstance(zxbcdt, Tensor) else type(zxbcdt).__name__}")
+    dev = zxbcdt.device
+    check_tensor("zxbcdt", zxbcdt, (None, None), device=dev)
+    check_tensor("norm_weight", norm_weight, (None,), device=dev)
+    d_inner = norm_weight.shape[0]
+    if not isinstance(headdim, int) or headdim < 1 or d_inner % headdim:
+        raise ValueError(f"headdim {headdim!r} must be a positive int dividing d_inner {d_inner}")
+    nheads = d_inner // headdim
+    if not isinstance(ngroups, int) or ngroups < 1 or nheads % ngroups:
+        raise ValueError(f"ngroups {ngroups!r} must be a positive int dividing the number of heads {nheads}")
+    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
+        check_tensor(name, t, (nheads,), device=dev)
+    check_tensor("conv_weight", conv_weight, (None, None), device=dev)
+    conv_dim, width = conv_weight.shape
+    if not 2 <= width <= MAX_WIDTH:
+        raise ValueError(f"conv width must be 2..{MAX_WIDTH}, got {width}")
+    if conv_dim <= d_inner or (conv_dim - d_inner) % (2 * ngroups):
+        raise ValueError(f"conv_weight has {conv_dim} channels; expected d_inner ({d_inner}) + 2*ngroups*d_state")
+    d_state = (conv_dim - d_inner) // (2 * ngroups)
+    rows = zxbcdt.shape[0]
+    check_tensor("zxbcdt", zxbcdt, (rows, d_inner + conv_dim + nheads), device=dev)
+    if conv_bias is not None:
+        check_tensor("conv_bias", conv_bias, (conv_dim,), device=dev)
+    check_tensor("conv_state", conv_state, (rows, conv_dim, None), device=dev)
+    if conv_state.shape[2] < width - 1:
+        raise ValueError(f"conv_state holds {conv_state.shape[2]} steps, the width-{width} conv needs "
+                         f"at least {width - 1}")
+    check_tensor("ssm_state", ssm_state, (rows, nheads, headdim, d_state), device=dev)
+    return _mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias,
+                               norm_weight, float(eps), headdim, ngroups)
+
+
+__all__ = ["mamba2_decode_step", "mamba2_decode_step_ref", "mamba2_decode_step_triton", "not_supported_reasons"]

@@ -1,0 +1,259 @@
+"""The fused Mamba2 decode step: reference vs the un-fused ops, vs the full-sequence scan, and the
+Triton kernel (interpreter on CPU, the registered op on CUDA) vs the float64 reference."""
+import pytest
+import torch
+
+import aim_kernels as ak
+from aim_kernels import _ext, decode
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def rel_err(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def make_inputs(rows, nheads, headdim, d_state, ngroups, width, state_len, dtype=torch.float32,
+                state_dtype=torch.float32, device="cpu", bias=True, row_stride_pad=0):
+    """Random step inputs with realistic magnitudes (dt around softplus^-1 of 1e-3..1e-1, A < 0)."""
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    total = d_inner + conv_dim + nheads
+    zxbcdt = torch.randn(rows, total + row_stride_pad, device=device)[:, :total]  # strided rows when padded
+    zxbcdt[:, -nheads:] = zxbcdt[:, -nheads:] * 0.5 - 4.0
+    dt_bias = torch.log(torch.expm1(torch.empty(nheads, device=device).uniform_(1e-3, 0.1)))
+    return dict(
+        zxbcdt=zxbcdt.to(dtype),
+        conv_state=torch.randn(rows, conv_dim, state_len, device=device).to(dtype),
+        ssm_state=torch.randn(rows, nheads, headdim, d_state, device=device).to(state_dtype),
+        conv_weight=(torch.randn(conv_dim, width, device=device) / width ** 0.5).to(dtype),
+        conv_bias=(torch.randn(conv_dim, device=device) * 0.1).to(dtype) if bias else None,
+        A=-torch.empty(nheads, device=device).uniform_(1, 16),
+        D=torch.randn(nheads, device=device).to(dtype),
+        dt_bias=dt_bias.to(dtype),
+        norm_weight=(1 + 0.1 * torch.randn(d_inner, device=device)).to(dtype),
+        eps=1e-5, headdim=headdim, ngroups=ngroups)
+
+
+def args_of(inp):
+    return [inp[k] for k in ("zxbcdt", "conv_state", "ssm_state", "conv_weight", "conv_bias", "A", "D",
+                             "dt_bias", "norm_weight", "eps", "headdim", "ngroups")]
+
+
+def cloned(inp, dtype=None, state_dtype=None, device=None):
+    """Deep copy; dtype converts the model tensors, state_dtype the SSM state (A stays as it is)."""
+    out = {}
+    for k, v in inp.items():
+        if isinstance(v, torch.Tensor):
+            to = state_dtype if k == "ssm_state" else (None if k == "A" else dtype)
+            v = v.to(device=device, dtype=to or v.dtype, copy=True)
+            if k == "A" and dtype == torch.float64:
+                v = v.double()
+        out[k] = v
+    return out
+
+
+def poisoned_outputs(monkeypatch):
+    """Make the kernel's output and scratch buffers start as NaN."""
+    alloc = decode._alloc_outputs
+
+    def nan_alloc(*a, **k):
+        return tuple(t.fill_(float("nan")) for t in alloc(*a, **k))
+
+    monkeypatch.setattr(decode, "_alloc_outputs", nan_alloc)
+
+
+# ---- reference -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_reference_equals_unfused_ops(ngroups):
+    inp = cloned(make_inputs(3, 4, 8, 16, ngroups, 4, 3), torch.float64, torch.float64)
+    ref_in = cloned(inp)
+    y = ak.mamba2_decode_step(*args_of(inp))
+
+    # the model's step before fusion, through the public ops
+    r = ref_in
+    d_inner, conv_dim, h, p, n = 32, 32 + 2 * ngroups * 16, 4, 8, 16
+    z, xBC, dt = r["zxbcdt"].split([d_inner, conv_dim, h], -1)
+    xBC = ak.causal_conv1d_update(xBC, r["conv_state"], r["conv_weight"], r["conv_bias"], "silu")
+    x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], -1)
+    yy = ak.selective_state_update(
+        r["ssm_state"], x.unflatten(-1, (h, p)), dt[..., None].expand(-1, h, p), r["A"][:, None, None].expand(h, p, n),
+        B.unflatten(-1, (ngroups, n)), C.unflatten(-1, (ngroups, n)), D=r["D"][:, None].expand(h, p),
+        dt_bias=r["dt_bias"][:, None].expand(h, p), dt_softplus=True)
+    expect = ak.rmsnorm_gated(yy.flatten(-2), z, r["norm_weight"], 1e-5, d_inner // ngroups)
+
+    assert y.shape == (3, d_inner) and y.dtype == torch.float64
+    assert rel_err(y, expect) < 1e-14
+    assert torch.equal(inp["conv_state"], r["conv_state"])
+    assert rel_err(inp["ssm_state"], r["ssm_state"]) < 1e-14
+
+
+def test_opcheck():
+    inp = make_inputs(2, 2, 8, 8, 1, 4, 3)
+    torch.library.opcheck(decode._mamba2_decode_step, args_of(inp))
+    inp = make_inputs(2, 4, 8, 8, 2, 3, 3, bias=False)
+    torch.library.opcheck(decode._mamba2_decode_step, args_of(inp))
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_steps_match_full_sequence(ngroups):
+    """L decode steps from zero states == causal conv + SSD chunk scan + gated RMSNorm over the sequence."""
+    b, L, h, p, n, w = 2, 11, 4, 8, 16, 4
+    inp = cloned(make_inputs(b, h, p, n, ngroups, w, w - 1), torch.float64, torch.float64)
+    d_inner, conv_dim = h * p, h * p + 2 * ngroups * n
+    seq = torch.randn(b, L, inp["zxbcdt"].shape[1], dtype=torch.float64)
+    seq[..., -h:] = seq[..., -h:] * 0.5 - 4.0
+
+    z, xBC, dt = seq.split([d_inner, conv_dim, h], -1)
+    xBC = ak.causal_conv1d_ref(xBC.transpose(1, 2), inp["conv_weight"], inp["conv_bias"], True).transpose(1, 2)
+    x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], -1)
+    y, final_state = ak.ssd_chunk_scan(x.unflatten(-1, (h, p)), dt, inp["A"], B.unflatten(-1, (ngroups, n)),
+                                       C.unflatten(-1, (ngroups, n)), chunk_size=4, D=inp["D"],
+                                       dt_bias=inp["dt_bias"], return_final_state=True)
+    expect = ak.rmsnorm_gated(y.flatten(-2), z, inp["norm_weight"], 1e-5, d_inner // ngroups)
+
+    inp["conv_state"].zero_()
+    inp["ssm_state"].zero_()
+    args = args_of(inp)
+    steps = []
+    for t in range(L):
+        args[0] = seq[:, t]
+        steps.append(ak.mamba2_decode_step(*args))
+    assert rel_err(torch.stack(steps, 1), expect) < 1e-12
+    assert rel_err(inp["ssm_state"], final_state) < 1e-12
+    assert torch.equal(inp["conv_state"], seq[:, L - (w - 1):, d_inner:d_inner + conv_dim].transpose(1, 2))
+
+
+def test_wrapper_rejects_bad_inputs():
+    inp = make_inputs(2, 2, 8, 8, 1, 4, 3)
+    bad = dict(inp, zxbcdt=inp["zxbcdt"][:, :-1])
+    with pytest.raises(ValueError, match="zxbcdt"):
+        ak.mamba2_decode_step(*args_of(bad))
+    with pytest.raises(ValueError, match="conv_state holds"):
+        ak.mamba2_decode_step(*args_of(dict(inp, conv_state=inp["conv_state"][:, :, :2])))
+    with pytest.raises(ValueError, match="ssm_state"):
+        ak.mamba2_decode_step(*args_of(dict(inp, ssm_state=inp["ssm_state"][:, :, :4])))
+    with pytest.raises(ValueError, match="ngroups"):
+        ak.mamba2_decode_step(*args_of(dict(inp, ngroups=3)))
+    with pytest.raises(ValueError, match="conv width"):
+        ak.mamba2_decode_step(*args_of(dict(inp, conv_weight=torch.randn(inp["conv_weight"].shape[0], 5))))
+    with pytest.raises(TypeError, match="ssm_state"):
+        ak.mamba2_decode_step(*args_of(dict(inp, ssm_state=inp["ssm_state"].int())))
+
+
+def test_not_supported_reasons():
+    inp = make_inputs(2, 2, 8, 8, 1, 4, 3)
+    assert any("float64" in r for r in decode.not_supported_reasons(*args_of(cloned(inp, torch.float64))))
+    assert any("power of two" in r for r in decode.not_supported_reasons(*args_of(make_inputs(1, 2, 12, 8, 1, 4, 3))))
+    assert any("d_state" in r for r in decode.not_supported_reasons(
+        *args_of(dict(inp, ssm_state=inp["ssm_state"].transpose(2, 3).contiguous().transpose(2, 3)))))
+
+
+# ---- Triton (interpreter on CPU, or the GPU) -------------------------------------------------------
+
+def check_triton(inp, tol, device):
+    """Run the Triton path on a copy of `inp` (on `device`) and compare with the float64 reference."""
+    state_dtype = inp["ssm_state"].dtype
+    ref = cloned(inp, torch.float64, torch.float64, device="cpu")
+    y_ref = decode.mamba2_decode_step_ref(*args_of(ref))
+    run = cloned(inp, device=device)
+    if device == "cpu":
+        y = decode.mamba2_decode_step_triton(*args_of(run))
+    else:
+        assert decode.not_supported_reasons(*args_of(run)) == []
+        assert _ext.backend_for(decode._mamba2_decode_step, *args_of(run)) == "triton"
+        y = ak.mamba2_decode_step(*args_of(run))
+    assert y.dtype == inp["zxbcdt"].dtype and y.shape == y_ref.shape
+    assert not y.isnan().any()
+    assert rel_err(y, y_ref) < tol
+    state_tol = 1e-5 if state_dtype == torch.float32 else 1e-2
+    assert rel_err(run["ssm_state"], ref["ssm_state"]) < state_tol
+    if inp["conv_state"].dtype == torch.float32:
+        assert torch.equal(run["conv_state"].cpu(), ref["conv_state"].float())
+    else:
+        assert torch.equal(run["conv_state"].cpu().double(), ref["conv_state"])
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+# (rows, nheads, headdim, d_state, ngroups, width, state_len, dtype): each odd size at least once
+INTERPRETER_CASES = [
+    (1, 2, 16, 16, 1, 2, 1, torch.float32),
+    (3, 5, 16, 16, 1, 4, 3, torch.float32),
+    (3, 2, 64, 128, 1, 4, 4, torch.float32),
+    (1, 5, 64, 16, 1, 2, 2, torch.bfloat16),
+    (3, 2, 16, 128, 2, 4, 3, torch.bfloat16),
+    (1, 2, 16, 16, 2, 3, 3, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_interpreter(case, monkeypatch):
+    if not decode._interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    rows, h, p, n, g, w, s, dtype = case
+    poisoned_outputs(monkeypatch)
+    check_triton(make_inputs(rows, h, p, n, g, w, s, dtype=dtype, row_stride_pad=3), TOL[dtype], "cpu")
+
+
+def test_triton_interpreter_bf16_state_no_bias(monkeypatch):
+    if not decode._interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    poisoned_outputs(monkeypatch)
+    check_triton(make_inputs(2, 2, 16, 32, 1, 4, 3, state_dtype=torch.bfloat16, bias=False), 1e-5, "cpu")
+
+
+def test_triton_interpreter_whole_heads(monkeypatch):
+    """One program per head, looping over several (BLOCK_P, N) tiles (the large-batch configuration)."""
+    if not decode._interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    poisoned_outputs(monkeypatch)
+    monkeypatch.setattr(decode, "_p_per_program", lambda rows, nheads, headdim: headdim)
+    monkeypatch.setattr(decode, "TILE_ELEMENTS", 4 * 32)
+    check_triton(make_inputs(3, 2, 16, 32, 1, 4, 3, row_stride_pad=1), 1e-5, "cpu")
+
+
+def test_triton_interpreter_nan_fails(monkeypatch):
+    """The comparison catches a NaN in the result (so the poisoned-buffer tests can fail)."""
+    if not decode._interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    inp = make_inputs(1, 2, 16, 16, 1, 4, 3)
+    inp["zxbcdt"][0, 0] = float("nan")
+    with pytest.raises(AssertionError):
+        check_triton(inp, 1e-5, "cpu")
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+
+GPU_CASES = [(rows, h, dtype, state_dtype) for rows in (2, 128) for h in (24, 48)
+             for dtype in (torch.float32, torch.bfloat16) for state_dtype in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_gpu(case, monkeypatch):
+    rows, h, dtype, state_dtype = case
+    poisoned_outputs(monkeypatch)
+    inp = make_inputs(rows, h, 64, 128, 1, 4, 3, dtype=dtype, state_dtype=state_dtype, device="cuda")
+    check_triton(inp, TOL[dtype], "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ngroups,state_len", [(1, 3), (2, 4)])
+def test_triton_gpu_steps(ngroups, state_len):
+    """Many steps in a row on the GPU stay with the float64 reference (fp32 model and state)."""
+    inp = make_inputs(4, 8, 64, 128, ngroups, 4, state_len, device="cuda")
+    ref = cloned(inp, torch.float64, torch.float64, device="cpu")
+    run, ref_args = args_of(inp), args_of(ref)
+    for _ in range(20):
+        zxbcdt = torch.randn_like(inp["zxbcdt"])
+        zxbcdt[:, -8:] = zxbcdt[:, -8:] * 0.5 - 4.0
+        run[0], ref_args[0] = zxbcdt, zxbcdt.double().cpu()
+        y = ak.mamba2_decode_step(*run)
+        y_ref = ak.mamba2_decode_step(*ref_args)
+        assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(inp["ssm_state"], ref["ssm_state"]) < 1e-5
+    assert torch.equal(inp["conv_state"].cpu().double(), ref["conv_state"])
+
