@@ -26,25 +26,18 @@ round trips and three more launches.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _ext
+from . import _ext, _triton
 from ._util import check_tensor
 from .causal_conv1d import MAX_WIDTH, causal_conv1d_update_ref
 from .norm import rmsnorm_gated_ref
 from .ssm import selective_state_update_ref
 
-try:
-    import triton
-    import triton.language as tl
-    _TRITON_ERROR: Optional[str] = None
-except Exception as e:  # noqa: BLE001 - any import failure means "no Triton backend"
-    triton = tl = None
-    _TRITON_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+from ._triton import tl, triton
 
 
 def _sizes(zxbcdt: Tensor, conv_weight: Tensor, norm_weight: Tensor, A: Tensor, headdim: int,
@@ -85,28 +78,6 @@ def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias, norm
 
 # ---- Triton backend ----------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_reasons() -> list[str]:
-    reasons = []
-    if _ext._disabled("triton"):
-        reasons.append(f"disabled by AIM_KERNELS_DISABLE={os.environ.get('AIM_KERNELS_DISABLE')}")
-    if _TRITON_ERROR is not None:
-        reasons.append(_TRITON_ERROR)
-    return reasons
-
-
-def _triton_unavailable_reasons() -> list[str]:
-    """Machine-level reasons, for aim_kernels.info (the backend serves the CUDA dispatch key)."""
-    reasons = _triton_reasons()
-    if not torch.cuda.is_available():
-        reasons.append("no CUDA device (torch.cuda.is_available() is False)")
-    return reasons
-
-
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
 MAX_POW2_DIM = 256
 TILE_ELEMENTS = 2048  # state elements per loop iteration of a program (16 per thread at 4 warps)
@@ -117,15 +88,9 @@ def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor,
                           conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
                           eps: float, headdim: int, ngroups: int) -> list[str]:
     """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
-    reasons = _triton_reasons()
-    if zxbcdt.device.type != "cuda" and not _interpreting():
-        reasons.append(f"inputs are on {zxbcdt.device}, not a CUDA device (and TRITON_INTERPRET is not set)")
-    for name, t in (("zxbcdt", zxbcdt), ("conv_state", conv_state), ("conv_weight", conv_weight),
-                    ("conv_bias", conv_bias), ("D", D), ("dt_bias", dt_bias), ("norm_weight", norm_weight)):
-        if t is not None and t.dtype not in _TRITON_DTYPES:
-            reasons.append(f"{name} is {t.dtype}; the Triton kernel takes float32, bfloat16 or float16")
-    if A.dtype not in _TRITON_DTYPES:
-        reasons.append(f"A is {A.dtype}; the Triton kernel takes float32, bfloat16 or float16")
+    reasons = _triton.reasons(zxbcdt.device)
+    reasons += _triton.dtype_reasons(zxbcdt=zxbcdt, conv_state=conv_state, conv_weight=conv_weight,
+                                     conv_bias=conv_bias, A=A, D=D, dt_bias=dt_bias, norm_weight=norm_weight)
     if ssm_state.dtype not in _STATE_DTYPES:
         reasons.append(f"ssm_state is {ssm_state.dtype}; the Triton kernel keeps it in float32 or bfloat16")
     if conv_weight.shape[1] > MAX_WIDTH:
@@ -298,7 +263,7 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
 
 
 _ext.register_backend(_mamba2_decode_step, "triton", device_type="cuda", impl=mamba2_decode_step_triton,
-                      not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton_unavailable_reasons)
+                      not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
 
 
 # ---- public API --------------------------------------------------------------------------------

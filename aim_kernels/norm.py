@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _ext, _triton
 from ._util import check_tensor, compute_dtype, placeholder_grads, reference_vjp
 
 
@@ -234,3 +235,69 @@ def add_rmsnorm_modulate(x: Tensor, residual: Optional[Tensor], weight: Tensor, 
     _check_cond("shift", shift, x)
     _check_cond("scale", scale, x)
     return _add_rmsnorm_modulate(x, residual, weight, shift, scale, float(eps))
+
+
+# ---- Triton backend: the fused block prologue (forward) ----------------------------------------
+
+MAX_TRITON_DIM = 8192
+
+if _triton.triton is not None:
+    tl = _triton.tl
+
+    @_triton.triton.jit
+    def _add_rmsnorm_modulate_kernel(X, R, W, SHIFT, SCALE, OUT, ROUT, dim, rows_per_batch, eps,
+                                     stride_x, stride_r, stride_shift, stride_scale,
+                                     HAS_RESIDUAL: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < dim
+        r = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ROUT + row * dim + cols, r, mask=mask)
+        rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / dim + eps)
+        y = r * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_MOD:
+            b = row // rows_per_batch
+            scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
+            shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * (1.0 + scale) + shift
+        tl.store(OUT + row * dim + cols, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm_modulate_not_supported_reasons(x: Tensor, residual: Optional[Tensor], weight: Tensor,
+                                               shift: Optional[Tensor], scale: Optional[Tensor],
+                                               eps: float) -> list[str]:
+    """Why the Triton kernel cannot run these inputs; empty list: it can."""
+    reasons = _triton.reasons(x.device)
+    reasons += _triton.dtype_reasons(x=x, residual=residual, weight=weight, shift=shift, scale=scale)
+    if x.shape[-1] > MAX_TRITON_DIM:
+        reasons.append(f"dim {x.shape[-1]} > {MAX_TRITON_DIM}")
+    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("shift", shift), ("scale", scale)):
+        if t is not None and t.stride(-1) != 1:
+            reasons.append(f"{name}'s last dimension is not contiguous")
+    return reasons
+
+
+def add_rmsnorm_modulate_triton(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Optional[Tensor],
+                                scale: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """One program per row: residual add, RMSNorm, modulation; writes out (x dtype) and the float32 residual."""
+    dim = x.shape[-1]
+    x2 = x.reshape(-1, dim)
+    r2 = residual.reshape(-1, dim) if residual is not None else x2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    has_mod = shift is not None
+    rows = x2.shape[0]
+    block = _triton.triton.next_power_of_2(dim)
+    _add_rmsnorm_modulate_kernel[(rows,)](
+        x2, r2, weight, shift if has_mod else x2, scale if has_mod else x2, out, residual_out, dim,
+        rows // shift.shape[0] if has_mod else 1, eps, x2.stride(0), r2.stride(0),
+        shift.stride(0) if has_mod else 0, scale.stride(0) if has_mod else 0,
+        HAS_RESIDUAL=residual is not None, HAS_MOD=has_mod, BLOCK=block, num_warps=min(8, max(1, block // 256)))
+    return out, residual_out
+
+
+_ext.register_backend(_add_rmsnorm_modulate, "triton", device_type="cuda", impl=add_rmsnorm_modulate_triton,
+                      not_supported_reasons=add_rmsnorm_modulate_not_supported_reasons,
+                      unavailable_reasons=_triton.unavailable_reasons)

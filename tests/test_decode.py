@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import aim_kernels as ak
-from aim_kernels import _ext, decode
+from aim_kernels import _ext, _triton, decode
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -191,7 +191,7 @@ INTERPRETER_CASES = [
 
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_triton_interpreter(case, monkeypatch):
-    if not decode._interpreting():
+    if not _triton.interpreting():
         pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
     rows, h, p, n, g, w, s, dtype = case
     poisoned_outputs(monkeypatch)
@@ -199,7 +199,7 @@ def test_triton_interpreter(case, monkeypatch):
 
 
 def test_triton_interpreter_bf16_state_no_bias(monkeypatch):
-    if not decode._interpreting():
+    if not _triton.interpreting():
         pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
     poisoned_outputs(monkeypatch)
     check_triton(make_inputs(2, 2, 16, 32, 1, 4, 3, state_dtype=torch.bfloat16, bias=False), 1e-5, "cpu")
@@ -207,7 +207,7 @@ def test_triton_interpreter_bf16_state_no_bias(monkeypatch):
 
 def test_triton_interpreter_whole_heads(monkeypatch):
     """One program per head, looping over several (BLOCK_P, N) tiles (the large-batch configuration)."""
-    if not decode._interpreting():
+    if not _triton.interpreting():
         pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
     poisoned_outputs(monkeypatch)
     monkeypatch.setattr(decode, "_p_per_program", lambda rows, nheads, headdim: headdim)
@@ -217,7 +217,7 @@ def test_triton_interpreter_whole_heads(monkeypatch):
 
 def test_triton_interpreter_nan_fails(monkeypatch):
     """The comparison catches a NaN in the result (so the poisoned-buffer tests can fail)."""
-    if not decode._interpreting():
+    if not _triton.interpreting():
         pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
     inp = make_inputs(1, 2, 16, 16, 1, 4, 3)
     inp["zxbcdt"][0, 0] = float("nan")
