@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _ext, _triton
 from ._util import check_tensor
 
 
@@ -109,3 +110,58 @@ def sample_next_token(logits: Tensor, cfg_scale: Optional[float] = None, tempera
     check_tensor("uniform", uniform, (rows,), device=logits.device, dtypes=(torch.float32, torch.float64))
     return _sample_next_token(logits, float(cfg_scale or 0.0), float(temperature), int(top_k), float(top_p),
                               uniform)
+
+
+# ---- Triton backend: guidance + temperature + softmax + draw, one program per sample ------------
+
+MAX_TRITON_VOCAB = 32768
+
+if _triton.triton is not None:
+    tl = _triton.tl
+
+    @_triton.triton.jit
+    def _sample_kernel(LOGITS, U, OUT, vocab, uncond_offset, stride_row, cfg_scale, inv_temperature,
+                       GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < vocab
+        logit = tl.load(LOGITS + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if GUIDED:
+            uncond = tl.load(LOGITS + (row + uncond_offset) * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+            logit = uncond + (logit - uncond) * cfg_scale
+        logit = tl.where(mask, logit * inv_temperature, -float("inf"))
+        prob = tl.exp(logit - tl.max(logit, axis=0))
+        cdf = tl.cumsum(prob, axis=0)
+        target = tl.load(U + row).to(tl.float32) * tl.sum(prob, axis=0)
+        token = tl.sum((cdf <= target).to(tl.int32), axis=0)  # first index whose cdf exceeds the draw
+        last_allowed = tl.max(tl.where(prob > 0, cols, -1), axis=0)
+        tl.store(OUT + row, tl.minimum(token, last_allowed).to(tl.int64))
+
+
+def sample_not_supported_reasons(logits: Tensor, cfg_scale: float, temperature: float, top_k: int, top_p: float,
+                                 uniform: Tensor) -> list[str]:
+    """Why the Triton sampler cannot run these inputs; empty list: it can."""
+    reasons = _triton.reasons(logits.device) + _triton.dtype_reasons(logits=logits)
+    if 0 < top_k < logits.shape[-1]:
+        reasons.append("top-k filtering runs in the reference (sort)")
+    if top_p < 1.0:
+        reasons.append("top-p filtering runs in the reference (sort)")
+    if logits.shape[-1] > MAX_TRITON_VOCAB:
+        reasons.append(f"vocabulary {logits.shape[-1]} > {MAX_TRITON_VOCAB}")
+    if logits.stride(-1) != 1:
+        reasons.append("logits' vocabulary dimension is not contiguous")
+    return reasons
+
+
+def sample_next_token_triton(logits: Tensor, cfg_scale: float, temperature: float, top_k: int, top_p: float,
+                             uniform: Tensor) -> Tensor:
+    rows, vocab = uniform.shape[0], logits.shape[-1]
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    block = _triton.triton.next_power_of_2(vocab)
+    _sample_kernel[(rows,)](logits, uniform, out, vocab, rows, logits.stride(0), cfg_scale, 1.0 / temperature,
+                            GUIDED=logits.shape[0] == 2 * rows, BLOCK=block, num_warps=16 if block >= 8192 else 4)
+    return out
+
+
+_ext.register_backend(_sample_next_token, "triton", device_type="cuda", impl=sample_next_token_triton,
+                      not_supported_reasons=sample_not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
