@@ -54,10 +54,9 @@ def mamba2_decode_step_ref(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor
     z, xBC, dt = zxbcdt.split([d_inner, conv_dim, h], dim=-1)
     xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, True)
     x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], dim=-1)
-    y = selective_state_update_ref(
-        ssm_state, x.unflatten(-1, (h, p)), dt[..., None].expand(-1, h, p), A[:, None, None].expand(h, p, n),
-        B.unflatten(-1, (ngroups, n)), C.unflatten(-1, (ngroups, n)), D[:, None].expand(h, p), None,
-        dt_bias[:, None].expand(h, p), True)
+    y = selective_state_update_ref(  # per-head scalars as size-1 dimensions: no state-sized temporaries
+        ssm_state, x.unflatten(-1, (h, p)), dt[..., None], A[:, None, None], B.unflatten(-1, (ngroups, n)),
+        C.unflatten(-1, (ngroups, n)), D[:, None], None, dt_bias[:, None], True)
     return rmsnorm_gated_ref(y.flatten(-2), z, norm_weight, eps, d_inner // ngroups)
 
 

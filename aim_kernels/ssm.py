@@ -105,18 +105,24 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 def selective_state_update_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                                D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                                dt_softplus: bool) -> Tensor:
+    """One step in place. dt/A/D/dt_bias may have size-1 dimensions where they do not vary (Mamba2's
+    per-head scalars), which keeps the decay multiply from materialising a state-sized tensor."""
     cd = compute_dtype(x, dt, A, B, C)
-    h, g = x.shape[1], B.shape[1]
+    b, h, p, n = state.shape
+    g = B.shape[1]
     xc, dtc = x.to(cd), dt.to(cd)
     if dt_bias is not None:
         dtc = dtc + dt_bias.to(cd)
     if dt_softplus:
         dtc = F.softplus(dtc)
-    Bh = B.to(cd).repeat_interleave(h // g, dim=1)[:, :, None, :]  # (b, h, 1, n)
-    Ch = C.to(cd).repeat_interleave(h // g, dim=1)[:, :, None, :]
-    new_state = state.to(cd) * torch.exp(dtc[..., None] * A.to(cd)) + (dtc * xc)[..., None] * Bh
-    state.copy_(new_state)
-    out = (new_state * Ch).sum(-1)
+    Bh = B.to(cd).repeat_interleave(h // g, dim=1)  # (b, h, n)
+    Ch = C.to(cd).repeat_interleave(h // g, dim=1)
+    work = state if state.dtype == cd and state.is_contiguous() else state.to(cd).contiguous()
+    work.mul_(torch.exp(dtc[..., None] * A.to(cd)))
+    work.view(b * h, p, n).baddbmm_((dtc * xc).reshape(b * h, p, 1), Bh.reshape(b * h, 1, n))
+    if work is not state:
+        state.copy_(work)
+    out = torch.bmm(work.view(b * h, p, n), Ch.reshape(b * h, n, 1)).view(b, h, p)
     if D is not None:
         out = out + xc * D.to(cd)
     if z is not None:
