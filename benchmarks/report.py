@@ -182,6 +182,9 @@ def render(rows: list[dict], plot_dir: Path) -> str:
         lines += ["No measurements yet.", ""]
     for gpu, rr in sorted(conv.items()):
         lines += conv_section(gpu, rr)
+        notes = ROOT / "benchmarks" / "notes_causal_conv1d.md"
+        if notes.exists():
+            lines += [notes.read_text().strip(), ""]
         png = plot_dir / "causal_conv1d.png"
         if plot(gpu, rr, png):
             try:

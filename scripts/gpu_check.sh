@@ -9,7 +9,7 @@
 # Env: PYTHON (default python3), MAX_JOBS (default: nproc), TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX),
 #      BENCHES (default: every benchmarks/bench_*.py), BENCH_ARGS (extra arguments for every benchmarks/bench_*.py, e.g. --sweep),
 #      GPU_TESTS (default: tests, i.e. every `-m gpu` test), SKIP_SANITIZER=1, SKIP_BENCH=1, SKIP_PEERS=1.
-# Peers: if .peers/causal_conv1d-1.7.0 (source) exists it is built for sm_90 in the background while the
+# Peers: if .peers/causal_conv1d-1.7.0 (source, from benchmarks/fetch_peers.sh) exists it is built for sm_90 in the background while the
 # tests run, and benchmarked beside ours. Designed to finish within 10 minutes on 16 cores and one H100/H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,12 +53,16 @@ step info "$RES/build.log" 60 $PY -m aim_kernels.info
 
 # ---- 2. peers in the background (their own log) ------------------------------------------------------
 PEER_PID=
-if [ -d .peers/causal_conv1d-1.7.0 ] && [ -z "${SKIP_PEERS:-}" ]; then
+if $PY -c 'import importlib.metadata as m, causal_conv1d_cuda; assert m.version("causal_conv1d") == "1.7.0"' 2>/dev/null; then
+  echo "=== [peer build] causal-conv1d 1.7.0 already installed: not rebuilt" >"$RES/peer_build.tmp"
+  PEER_PID=0
+elif [ -d .peers/causal_conv1d-1.7.0 ] && [ -z "${SKIP_PEERS:-}" ]; then
+  bash benchmarks/fetch_peers.sh --patch >"$RES/peer_build.tmp" 2>&1
   ( s=$(date +%s)
     cd .peers/causal_conv1d-1.7.0 && rm -rf build && \
     CAUSAL_CONV1D_ONLY_ARCHS=90 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$MAX_JOBS CAUSAL_CONV1D_FORCE_BUILD=TRUE \
-      timeout 420 $PY -m pip install --no-build-isolation --no-deps --no-cache-dir -v . 
-    echo "=== [peer build] rc=$? in $(( $(date +%s) - s ))s" ) >"$RES/peer_build.tmp" 2>&1 &
+      timeout 420 $PY -m pip install --no-build-isolation --no-deps --no-cache-dir -v .
+    echo "=== [peer build] rc=$? in $(( $(date +%s) - s ))s" ) >>"$RES/peer_build.tmp" 2>&1 &
   PEER_PID=$!
 fi
 
@@ -81,7 +85,8 @@ fi
 
 # ---- 5. benchmarks -------------------------------------------------------------------------------------
 if [ -n "$PEER_PID" ]; then
-  wait "$PEER_PID"; cat "$RES/peer_build.tmp" >>"$RES/bench.log"; rm -f "$RES/peer_build.tmp"
+  [ "$PEER_PID" != 0 ] && wait "$PEER_PID"
+  cat "$RES/peer_build.tmp" >>"$RES/bench.log"; rm -f "$RES/peer_build.tmp"
   grep "=== \[peer build\]" "$RES/bench.log"
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
