@@ -71,7 +71,7 @@ export AIM_KERNELS_REQUIRE_CUDA_EXT=1
 step gpu_tests "$RES/tests.log" 300 $PY -m pytest -m gpu ${GPU_TESTS:-tests} -q -rfE -p no:cacheprovider
 
 # ---- 4. compute-sanitizer ------------------------------------------------------------------------------
-KERNEL_TESTS="tests/test_causal_conv1d.py"
+KERNEL_TESTS="tests/test_causal_conv1d.py tests/test_decode.py::test_triton_gpu_steps tests/test_norm_triton.py tests/test_sampling_triton.py"
 SMEM_TESTS_K="bwd"   # kernels with shared memory: the causal conv backward's block reduction
 if [ -z "${SKIP_SANITIZER:-}" ]; then
   CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
