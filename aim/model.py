@@ -88,7 +88,7 @@ class Mamba2Mixer(nn.Module):
         """One token: u (batch, d_model); updates the (conv_state, ssm_state) cache in place."""
         conv_state, ssm_state = cache
         y = ak.mamba2_decode_step(self.in_proj(u), conv_state, ssm_state, self.conv1d.weight.squeeze(1),
-                                  self.conv1d.bias, -torch.exp(self.A_log.float()), self.D, self.dt_bias,
+                                  self.conv1d.bias, self.A_log, self.D, self.dt_bias,
                                   self.norm.weight, NORM_EPS, self.headdim, self.ngroups)
         return self.out_proj(y)
 

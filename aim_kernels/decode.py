@@ -40,20 +40,21 @@ from .ssm import selective_state_update_ref
 from ._triton import tl, triton
 
 
-def _sizes(zxbcdt: Tensor, conv_weight: Tensor, norm_weight: Tensor, A: Tensor, headdim: int,
+def _sizes(zxbcdt: Tensor, conv_weight: Tensor, norm_weight: Tensor, A_log: Tensor, headdim: int,
            ngroups: int) -> tuple[int, int, int, int, int, int]:
     """(R, d_inner, conv_dim, H, P, N) from the argument shapes."""
-    d_inner, conv_dim, nheads = norm_weight.shape[0], conv_weight.shape[0], A.shape[0]
+    d_inner, conv_dim, nheads = norm_weight.shape[0], conv_weight.shape[0], A_log.shape[0]
     return zxbcdt.shape[0], d_inner, conv_dim, nheads, headdim, (conv_dim - d_inner) // (2 * ngroups)
 
 
 def mamba2_decode_step_ref(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
-                           conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor,
+                           conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor,
                            norm_weight: Tensor, eps: float, headdim: int, ngroups: int) -> Tensor:
-    _, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A, headdim, ngroups)
+    _, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A_log, headdim, ngroups)
     z, xBC, dt = zxbcdt.split([d_inner, conv_dim, h], dim=-1)
     xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, True)
     x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], dim=-1)
+    A = -torch.exp(A_log.float())  # in float32 whatever the model dtype, as the official Mamba2 does
     y = selective_state_update_ref(  # per-head scalars as size-1 dimensions: no state-sized temporaries
         ssm_state, x.unflatten(-1, (h, p)), dt[..., None], A[:, None, None], B.unflatten(-1, (ngroups, n)),
         C.unflatten(-1, (ngroups, n)), D[:, None], None, dt_bias[:, None], True)
@@ -64,14 +65,14 @@ def mamba2_decode_step_ref(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor
 
 @torch.library.custom_op("aim_kernels::mamba2_decode_step", mutates_args=("conv_state", "ssm_state"))
 def _mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
-                        conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                        conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
                         eps: float, headdim: int, ngroups: int) -> Tensor:
-    return mamba2_decode_step_ref(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias,
+    return mamba2_decode_step_ref(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
                                   norm_weight, eps, headdim, ngroups).contiguous()
 
 
 @_mamba2_decode_step.register_fake
-def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias, norm_weight, eps, headdim, ngroups):
+def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, eps, headdim, ngroups):
     return zxbcdt.new_empty(zxbcdt.shape[0], norm_weight.shape[0])
 
 
@@ -84,12 +85,12 @@ NUM_WARPS = 4
 
 
 def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
-                          conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                          conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
                           eps: float, headdim: int, ngroups: int) -> list[str]:
     """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
     reasons = _triton.reasons(zxbcdt.device)
     reasons += _triton.dtype_reasons(zxbcdt=zxbcdt, conv_state=conv_state, conv_weight=conv_weight,
-                                     conv_bias=conv_bias, A=A, D=D, dt_bias=dt_bias, norm_weight=norm_weight)
+                                     conv_bias=conv_bias, A_log=A_log, D=D, dt_bias=dt_bias, norm_weight=norm_weight)
     if ssm_state.dtype not in _STATE_DTYPES:
         reasons.append(f"ssm_state is {ssm_state.dtype}; the Triton kernel keeps it in float32 or bfloat16")
     if conv_weight.shape[1] > MAX_WIDTH:
@@ -150,7 +151,7 @@ if triton is not None:
         tl.store(ptrs, new, mask=s < S)
 
     @triton.jit
-    def _ssm_step_kernel(zxbcdt_ptr, conv_state_ptr, ssm_state_ptr, conv_w_ptr, conv_b_ptr, A_ptr, D_ptr,
+    def _ssm_step_kernel(zxbcdt_ptr, conv_state_ptr, ssm_state_ptr, conv_w_ptr, conv_b_ptr, A_log_ptr, D_ptr,
                          dt_bias_ptr, v_ptr, sumsq_ptr,
                          stride_zr, stride_cr, stride_cc, stride_cs, stride_sr, stride_sh, stride_sp,
                          stride_wc, stride_wk, S, H, GN, HEADS_PER_GROUP,
@@ -177,7 +178,7 @@ if triton is not None:
         # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
         dt = tl.load(z_row + 2 * d_inner + 2 * GN + h).to(tl.float64) + tl.load(dt_bias_ptr + h).to(tl.float64)
         dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
-        dA = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+        dA = tl.exp(-dt * tl.exp(tl.load(A_log_ptr + h).to(tl.float32)))  # A = -exp(A_log)
         skip = tl.load(D_ptr + h).to(tl.float32)
 
         sumsq = 0.0
@@ -226,14 +227,14 @@ if triton is not None:
 
 
 def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
-                              conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor,
+                              conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor,
                               norm_weight: Tensor, eps: float, headdim: int, ngroups: int) -> Tensor:
     """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests)."""
-    reasons = not_supported_reasons(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias,
+    reasons = not_supported_reasons(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
                                     norm_weight, eps, headdim, ngroups)
     if reasons:
         raise ValueError("the Triton mamba2_decode_step cannot run these inputs: " + "; ".join(reasons))
-    rows, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A, headdim, ngroups)
+    rows, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A_log, headdim, ngroups)
     width, state_len = conv_weight.shape[1], conv_state.shape[2]
     p_per_program = _p_per_program(rows, h, p)
     block_p = min(p_per_program, max(1, TILE_ELEMENTS // n))
@@ -241,12 +242,12 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
     out, v, sumsq = _alloc_outputs(rows, d_inner, h * p_blocks, zxbcdt.dtype, zxbcdt.device)
     if rows == 0:
         return out
-    conv_weight, A, D, dt_bias, norm_weight = (t.contiguous() for t in (conv_weight, A, D, dt_bias, norm_weight))
+    conv_weight, A_log, D, dt_bias, norm_weight = (t.contiguous() for t in (conv_weight, A_log, D, dt_bias, norm_weight))
     conv_bias = conv_bias.contiguous() if conv_bias is not None else None
     block_s = triton.next_power_of_2(state_len)
     _ssm_step_kernel[(rows, h, p_blocks)](
         zxbcdt, conv_state, ssm_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
-        A, D, dt_bias, v, sumsq,
+        A_log, D, dt_bias, v, sumsq,
         zxbcdt.stride(0), *conv_state.stride(), *ssm_state.stride()[:3], *conv_weight.stride(),
         state_len, h, ngroups * n, h // ngroups,
         P=p, N=n, W=width, P_PER_PROGRAM=p_per_program, BLOCK_P=block_p, BLOCK_S=block_s,
@@ -268,13 +269,14 @@ _ext.register_backend(_mamba2_decode_step, "triton", device_type="cuda", impl=ma
 # ---- public API --------------------------------------------------------------------------------
 
 def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
-                       conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                       conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
                        eps: float, headdim: int, ngroups: int) -> Tensor:
     """One Mamba2 decode step from the in_proj output to the out_proj input (see the module docstring).
 
     zxbcdt (R, 2*d_inner + 2*G*N + H); conv_state (R, conv_dim, S) and ssm_state (R, H, P, N) are
     updated in place; conv_weight (conv_dim, W), W in 2..4; conv_bias (conv_dim,) or None;
-    A, D, dt_bias (H,); norm_weight (d_inner,). Returns y (R, d_inner) in zxbcdt's dtype.
+    A_log, D, dt_bias (H,) with A = -exp(A_log); norm_weight (d_inner,). Returns y (R, d_inner) in
+    zxbcdt's dtype.
     """
     if not isinstance(zxbcdt, Tensor) or zxbcdt.dim() != 2:
         raise ValueError(f"zxbcdt must be (rows, 2*d_inner + 2*ngroups*d_state + nheads), got "
@@ -288,7 +290,7 @@ def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, co
     nheads = d_inner // headdim
     if not isinstance(ngroups, int) or ngroups < 1 or nheads % ngroups:
         raise ValueError(f"ngroups {ngroups!r} must be a positive int dividing the number of heads {nheads}")
-    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
+    for name, t in (("A_log", A_log), ("D", D), ("dt_bias", dt_bias)):
         check_tensor(name, t, (nheads,), device=dev)
     check_tensor("conv_weight", conv_weight, (None, None), device=dev)
     conv_dim, width = conv_weight.shape
@@ -306,7 +308,7 @@ def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, co
         raise ValueError(f"conv_state holds {conv_state.shape[2]} steps, the width-{width} conv needs "
                          f"at least {width - 1}")
     check_tensor("ssm_state", ssm_state, (rows, nheads, headdim, d_state), device=dev)
-    return _mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias,
+    return _mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
                                norm_weight, float(eps), headdim, ngroups)
 
 

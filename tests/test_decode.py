@@ -29,7 +29,7 @@ def make_inputs(rows, nheads, headdim, d_state, ngroups, width, state_len, dtype
         ssm_state=torch.randn(rows, nheads, headdim, d_state, device=device).to(state_dtype),
         conv_weight=(torch.randn(conv_dim, width, device=device) / width ** 0.5).to(dtype),
         conv_bias=(torch.randn(conv_dim, device=device) * 0.1).to(dtype) if bias else None,
-        A=-torch.empty(nheads, device=device).uniform_(1, 16),
+        A_log=torch.log(torch.empty(nheads, device=device).uniform_(1, 16)),
         D=torch.randn(nheads, device=device).to(dtype),
         dt_bias=dt_bias.to(dtype),
         norm_weight=(1 + 0.1 * torch.randn(d_inner, device=device)).to(dtype),
@@ -37,18 +37,18 @@ def make_inputs(rows, nheads, headdim, d_state, ngroups, width, state_len, dtype
 
 
 def args_of(inp):
-    return [inp[k] for k in ("zxbcdt", "conv_state", "ssm_state", "conv_weight", "conv_bias", "A", "D",
+    return [inp[k] for k in ("zxbcdt", "conv_state", "ssm_state", "conv_weight", "conv_bias", "A_log", "D",
                              "dt_bias", "norm_weight", "eps", "headdim", "ngroups")]
 
 
 def cloned(inp, dtype=None, state_dtype=None, device=None):
-    """Deep copy; dtype converts the model tensors, state_dtype the SSM state (A stays as it is)."""
+    """Deep copy; dtype converts the model tensors, state_dtype the SSM state (A_log stays as it is)."""
     out = {}
     for k, v in inp.items():
         if isinstance(v, torch.Tensor):
-            to = state_dtype if k == "ssm_state" else (None if k == "A" else dtype)
+            to = state_dtype if k == "ssm_state" else (None if k == "A_log" else dtype)
             v = v.to(device=device, dtype=to or v.dtype, copy=True)
-            if k == "A" and dtype == torch.float64:
+            if k == "A_log" and dtype == torch.float64:
                 v = v.double()
         out[k] = v
     return out
@@ -79,7 +79,7 @@ def test_reference_equals_unfused_ops(ngroups):
     xBC = ak.causal_conv1d_update(xBC, r["conv_state"], r["conv_weight"], r["conv_bias"], "silu")
     x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], -1)
     yy = ak.selective_state_update(
-        r["ssm_state"], x.unflatten(-1, (h, p)), dt[..., None].expand(-1, h, p), r["A"][:, None, None].expand(h, p, n),
+        r["ssm_state"], x.unflatten(-1, (h, p)), dt[..., None].expand(-1, h, p), -torch.exp(r["A_log"].float())[:, None, None].expand(h, p, n),
         B.unflatten(-1, (ngroups, n)), C.unflatten(-1, (ngroups, n)), D=r["D"][:, None].expand(h, p),
         dt_bias=r["dt_bias"][:, None].expand(h, p), dt_softplus=True)
     expect = ak.rmsnorm_gated(yy.flatten(-2), z, r["norm_weight"], 1e-5, d_inner // ngroups)
@@ -109,7 +109,7 @@ def test_steps_match_full_sequence(ngroups):
     z, xBC, dt = seq.split([d_inner, conv_dim, h], -1)
     xBC = ak.causal_conv1d_ref(xBC.transpose(1, 2), inp["conv_weight"], inp["conv_bias"], True).transpose(1, 2)
     x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], -1)
-    y, final_state = ak.ssd_chunk_scan(x.unflatten(-1, (h, p)), dt, inp["A"], B.unflatten(-1, (ngroups, n)),
+    y, final_state = ak.ssd_chunk_scan(x.unflatten(-1, (h, p)), dt, -torch.exp(inp["A_log"].float()), B.unflatten(-1, (ngroups, n)),
                                        C.unflatten(-1, (ngroups, n)), chunk_size=4, D=inp["D"],
                                        dt_bias=inp["dt_bias"], return_final_state=True)
     expect = ak.rmsnorm_gated(y.flatten(-2), z, inp["norm_weight"], 1e-5, d_inner // ngroups)
