@@ -31,11 +31,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
 
-def _over_seq(t: Tensor, like: Tensor) -> Tensor:
-    """(batch, dim) -> broadcastable against `like` (batch, [seqlen,] dim)."""
-    return t.unsqueeze(1) if like.dim() == 3 else t
-
-
 def _inv_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
@@ -148,7 +143,7 @@ class Mamba1Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    """residual += hidden; h = RMSNorm(residual) * (1 + scale) + shift; hidden = gate * mixer(h)."""
+    """residual += gate_prev * hidden; h = RMSNorm(residual) * (1 + scale) + shift; hidden = mixer(h)."""
 
     def __init__(self, config: AiMConfig):
         super().__init__()
@@ -161,17 +156,20 @@ class Block(nn.Module):
         else:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 3 * d))
 
-    def forward(self, hidden: Tensor, residual: Optional[Tensor], modulation: Tensor,
-                cache: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
-        """hidden/residual (batch, [seqlen,] d); modulation (batch, 3, d) = (shift, scale, gate).
+    def forward(self, hidden: Tensor, hidden_gate: Optional[Tensor], residual: Optional[Tensor],
+                modulation: Tensor, cache: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """hidden/residual (batch, [seqlen,] d); hidden_gate (batch, d) the previous block's gate (or None);
+        modulation (batch, 3, d) = (shift, scale, gate).
 
-        With a cache, hidden is one token (batch, d) and the mixer takes a recurrent step.
+        Returns (mixer output, this block's gate, residual): the gate multiplies the output inside the
+        next fused residual add, saving a pass. With a cache, hidden is one token (batch, d) and the
+        mixer takes a recurrent step.
         """
         shift, scale, gate = modulation.unbind(1)
-        h, residual = ak.add_rmsnorm_modulate(hidden, residual, self.norm.weight, shift, scale, NORM_EPS)
+        h, residual = ak.add_rmsnorm_modulate(hidden, residual, self.norm.weight, shift, scale, NORM_EPS,
+                                              x_gate=hidden_gate)
         h = self.mixer(h) if cache is None else self.mixer.step(h, cache)
-        h = F.dropout(_over_seq(gate, h) * h, self.mixer_drop, self.training)
-        return h, residual
+        return F.dropout(h, self.mixer_drop, self.training), gate, residual
 
 
 class AiM(nn.Module):
@@ -279,10 +277,10 @@ class AiM(nn.Module):
         h = F.dropout(emb.word_embeddings(tokens), self.config.token_drop, self.training)
         return h + emb.position_embeddings(positions)
 
-    def head(self, hidden: Tensor, residual: Tensor, final_mod: Tensor) -> Tensor:
-        """norm_f(hidden + residual) -> RMSNorm -> adaLN modulate -> lm_head."""
+    def head(self, hidden: Tensor, gate: Tensor, residual: Tensor, final_mod: Tensor) -> Tensor:
+        """norm_f(gate * hidden + residual) -> RMSNorm -> adaLN modulate -> lm_head."""
         bb = self.backbone
-        h, _ = ak.add_rmsnorm(hidden, residual, bb.norm_f.weight, NORM_EPS)
+        h, _ = ak.add_rmsnorm(hidden, residual, bb.norm_f.weight, NORM_EPS, x_gate=gate)
         shift, scale = final_mod.unbind(1)
         h, _ = ak.add_rmsnorm_modulate(h, None, bb.final_layer.norm_final.weight, shift, scale, NORM_EPS)
         return self.mamba.lm_head(h)
@@ -307,17 +305,17 @@ class AiM(nn.Module):
         cond = self.class_embedding(labels)
         mods, final_mod = self.conditioning(cond)
         hidden = torch.cat([cond[:, None], self.embed_tokens(tokens[:, :-1], positions)], dim=1)
-        residual = None
+        gate = residual = None
         for layer, mod in zip(self.backbone.layers, mods):
-            hidden, residual = layer(hidden, residual, mod)
-        return self.head(hidden, residual, final_mod)
+            hidden, gate, residual = layer(hidden, gate, residual, mod)
+        return self.head(hidden, gate, residual, final_mod)
 
     def step(self, hidden: Tensor, cache: list, mods: list[Tensor], final_mod: Tensor) -> Tensor:
         """One decoding step: hidden (R, d) -> logits (R, vocab); updates `cache` in place."""
-        residual = None
+        gate = residual = None
         for layer, mod, layer_cache in zip(self.backbone.layers, mods, cache):
-            hidden, residual = layer(hidden, residual, mod, cache=layer_cache)
-        return self.head(hidden, residual, final_mod)
+            hidden, gate, residual = layer(hidden, gate, residual, mod, cache=layer_cache)
+        return self.head(hidden, gate, residual, final_mod)
 
     def allocate_cache(self, rows: int, state_dtype: Optional[torch.dtype] = None) -> list:
         """Per layer (conv_state, ssm_state); the SSM state is float32 by default (float64 models: float64)."""

@@ -36,10 +36,17 @@ def rmsnorm_gated_ref(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float
     return (h * weight.to(cd)).to(x.dtype)
 
 
-def add_rmsnorm_ref(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """residual' = x + residual (kept in float32+); returns (RMSNorm(residual') * weight, residual')."""
-    cd = compute_dtype(x, residual, weight)
-    r = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
+def _residual_add(x: Tensor, x_gate: Optional[Tensor], residual: Optional[Tensor], cd: torch.dtype) -> Tensor:
+    """x_gate * x + residual in the compute dtype (x_gate (batch, dim) broadcast like shift/scale)."""
+    r = x.to(cd) if x_gate is None else x.to(cd) * _broadcast(x_gate.to(cd), x)
+    return r if residual is None else r + residual.to(cd)
+
+
+def add_rmsnorm_ref(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
+                    x_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """residual' = x_gate * x + residual (kept in float32+); returns (RMSNorm(residual') * weight, residual')."""
+    cd = compute_dtype(x, residual, weight, x_gate)
+    r = _residual_add(x, x_gate, residual, cd)
     return (_rms(r, eps) * weight.to(cd)).to(x.dtype), r
 
 
@@ -50,10 +57,10 @@ def adaln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def add_rmsnorm_modulate_ref(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Tensor,
-                             scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The block prologue: residual add, RMSNorm and adaLN modulation, without rounding in between."""
-    cd = compute_dtype(x, residual, weight, shift, scale)
-    r = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
+                             scale: Tensor, eps: float, x_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The block prologue: (gated) residual add, RMSNorm and adaLN modulation, without rounding in between."""
+    cd = compute_dtype(x, residual, weight, shift, scale, x_gate)
+    r = _residual_add(x, x_gate, residual, cd)
     out = _rms(r, eps) * weight.to(cd)
     out = out * (1 + _broadcast(scale.to(cd), x)) + _broadcast(shift.to(cd), x)
     return out.to(x.dtype), r
@@ -100,47 +107,49 @@ _rmsnorm_gated.register_autograd(_rmsnorm_gated_backward, setup_context=_rmsnorm
 
 @torch.library.custom_op("aim_kernels::add_rmsnorm_modulate", mutates_args=())
 def _add_rmsnorm_modulate(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Optional[Tensor],
-                          scale: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+                          scale: Optional[Tensor], eps: float, x_gate: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     if shift is None:
-        out, r = add_rmsnorm_ref(x, residual, weight, eps)
+        out, r = add_rmsnorm_ref(x, residual, weight, eps, x_gate)
     else:
-        out, r = add_rmsnorm_modulate_ref(x, residual, weight, shift, scale, eps)
+        out, r = add_rmsnorm_modulate_ref(x, residual, weight, shift, scale, eps, x_gate)
     return out.contiguous(), r.clone(memory_format=torch.contiguous_format)  # r may alias x
 
 
 @_add_rmsnorm_modulate.register_fake
-def _(x, residual, weight, shift, scale, eps):
-    cd = compute_dtype(x, residual, weight, shift, scale)
+def _(x, residual, weight, shift, scale, eps, x_gate):
+    cd = compute_dtype(x, residual, weight, shift, scale, x_gate)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(x, dtype=cd, memory_format=torch.contiguous_format))
 
 
 @torch.library.custom_op("aim_kernels::add_rmsnorm_modulate_bwd", mutates_args=())
 def _add_rmsnorm_modulate_bwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Optional[Tensor],
-                              scale: Optional[Tensor], eps: float, dout: Tensor,
+                              scale: Optional[Tensor], eps: float, x_gate: Optional[Tensor], dout: Tensor,
                               dresidual_out: Optional[Tensor]) -> list[Tensor]:
-    def fn(x_, r_, w_, shift_, scale_):
+    def fn(x_, r_, w_, shift_, scale_, gate_):
         if shift_ is None:
-            return add_rmsnorm_ref(x_, r_, w_, eps)
-        return add_rmsnorm_modulate_ref(x_, r_, w_, shift_, scale_, eps)
-    return reference_vjp(fn, (x, residual, weight, shift, scale), (dout, dresidual_out))
+            return add_rmsnorm_ref(x_, r_, w_, eps, gate_)
+        return add_rmsnorm_modulate_ref(x_, r_, w_, shift_, scale_, eps, gate_)
+    return reference_vjp(fn, (x, residual, weight, shift, scale, x_gate), (dout, dresidual_out))
 
 
 @_add_rmsnorm_modulate_bwd.register_fake
-def _(x, residual, weight, shift, scale, eps, dout, dresidual_out):
-    return placeholder_grads(x, residual, weight, shift, scale)
+def _(x, residual, weight, shift, scale, eps, x_gate, dout, dresidual_out):
+    return placeholder_grads(x, residual, weight, shift, scale, x_gate)
 
 
 def _arm_setup(ctx, inputs, output):
-    x, residual, weight, shift, scale, eps = inputs
-    ctx.save_for_backward(x, residual, weight, shift, scale)
+    x, residual, weight, shift, scale, eps, x_gate = inputs
+    ctx.save_for_backward(x, residual, weight, shift, scale, x_gate)
     ctx.eps = eps
-    ctx.present = [t is not None for t in (x, residual, weight, shift, scale)]
+    ctx.present = [t is not None for t in (x, residual, weight, shift, scale, x_gate)]
 
 
 def _arm_backward(ctx, dout, dresidual_out):
-    grads = _add_rmsnorm_modulate_bwd(*ctx.saved_tensors, ctx.eps, dout, dresidual_out)
-    return (*(g if present else None for g, present in zip(grads, ctx.present)), None)
+    x, residual, weight, shift, scale, x_gate = ctx.saved_tensors
+    grads = _add_rmsnorm_modulate_bwd(x, residual, weight, shift, scale, ctx.eps, x_gate, dout, dresidual_out)
+    dx, dres, dw, dshift, dscale, dgate = (g if present else None for g, present in zip(grads, ctx.present))
+    return dx, dres, dw, dshift, dscale, None, dgate
 
 
 _add_rmsnorm_modulate.register_autograd(_arm_backward, setup_context=_arm_setup)
@@ -207,14 +216,19 @@ def rmsnorm_gated(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float = 1
     return _rmsnorm_gated(x, z, weight, float(eps), int(group_size))
 
 
-def add_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor,
-                eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """Returns (RMSNorm(x + residual) * weight in x's dtype, x + residual in float32 or wider)."""
+def add_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float = 1e-5,
+                x_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Returns (RMSNorm(r) * weight in x's dtype, r in float32 or wider) for r = x_gate * x + residual.
+
+    x_gate (batch, dim), broadcast over x's middle dimensions, is the previous block's adaLN gate.
+    """
     _check_x(x)
     if residual is not None:
         _check_last_dim("residual", residual, x)
+    if x_gate is not None:
+        _check_cond("x_gate", x_gate, x)
     check_tensor("weight", weight, (x.shape[-1],), device=x.device)
-    return _add_rmsnorm_modulate(x, residual, weight, None, None, float(eps))
+    return _add_rmsnorm_modulate(x, residual, weight, None, None, float(eps), x_gate)
 
 
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -226,15 +240,17 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def add_rmsnorm_modulate(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Tensor, scale: Tensor,
-                         eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """Fused block prologue: returns (adaln_modulate(RMSNorm(x + residual) * weight), x + residual)."""
+                         eps: float = 1e-5, x_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Fused block prologue: returns (adaln_modulate(RMSNorm(r) * weight), r) for r = x_gate * x + residual."""
     _check_x(x)
     if residual is not None:
         _check_last_dim("residual", residual, x)
+    if x_gate is not None:
+        _check_cond("x_gate", x_gate, x)
     check_tensor("weight", weight, (x.shape[-1],), device=x.device)
     _check_cond("shift", shift, x)
     _check_cond("scale", scale, x)
-    return _add_rmsnorm_modulate(x, residual, weight, shift, scale, float(eps))
+    return _add_rmsnorm_modulate(x, residual, weight, shift, scale, float(eps), x_gate)
 
 
 # ---- Triton backend: the fused block prologue (forward) ----------------------------------------
@@ -245,20 +261,23 @@ if _triton.triton is not None:
     tl = _triton.tl
 
     @_triton.triton.jit
-    def _add_rmsnorm_modulate_kernel(X, R, W, SHIFT, SCALE, OUT, ROUT, dim, rows_per_batch, eps,
-                                     stride_x, stride_r, stride_shift, stride_scale,
-                                     HAS_RESIDUAL: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rmsnorm_modulate_kernel(X, R, W, SHIFT, SCALE, GATE, OUT, ROUT, dim, rows_per_batch, eps,
+                                     stride_x, stride_r, stride_shift, stride_scale, stride_gate,
+                                     HAS_RESIDUAL: tl.constexpr, HAS_MOD: tl.constexpr, HAS_GATE: tl.constexpr,
+                                     BLOCK: tl.constexpr):
         row = tl.program_id(0)
+        b = row // rows_per_batch
         cols = tl.arange(0, BLOCK)
         mask = cols < dim
         r = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            r *= tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(ROUT + row * dim + cols, r, mask=mask)
         rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / dim + eps)
         y = r * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_MOD:
-            b = row // rows_per_batch
             scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
             shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
             y = y * (1.0 + scale) + shift
@@ -266,22 +285,23 @@ if _triton.triton is not None:
 
 
 def add_rmsnorm_modulate_not_supported_reasons(x: Tensor, residual: Optional[Tensor], weight: Tensor,
-                                               shift: Optional[Tensor], scale: Optional[Tensor],
-                                               eps: float) -> list[str]:
+                                               shift: Optional[Tensor], scale: Optional[Tensor], eps: float,
+                                               x_gate: Optional[Tensor]) -> list[str]:
     """Why the Triton kernel cannot run these inputs; empty list: it can."""
-    reasons = _triton.reasons(x.device)
-    reasons += _triton.dtype_reasons(x=x, residual=residual, weight=weight, shift=shift, scale=scale)
+    tensors = dict(x=x, residual=residual, weight=weight, shift=shift, scale=scale, x_gate=x_gate)
+    reasons = _triton.reasons(x.device) + _triton.dtype_reasons(**tensors)
     if x.shape[-1] > MAX_TRITON_DIM:
         reasons.append(f"dim {x.shape[-1]} > {MAX_TRITON_DIM}")
-    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("shift", shift), ("scale", scale)):
+    for name, t in tensors.items():
         if t is not None and t.stride(-1) != 1:
             reasons.append(f"{name}'s last dimension is not contiguous")
     return reasons
 
 
 def add_rmsnorm_modulate_triton(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Optional[Tensor],
-                                scale: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    """One program per row: residual add, RMSNorm, modulation; writes out (x dtype) and the float32 residual."""
+                                scale: Optional[Tensor], eps: float,
+                                x_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One program per row: gated residual add, RMSNorm, modulation; writes out (x dtype) and the float32 residual."""
     dim = x.shape[-1]
     x2 = x.reshape(-1, dim)
     r2 = residual.reshape(-1, dim) if residual is not None else x2
@@ -290,11 +310,13 @@ def add_rmsnorm_modulate_triton(x: Tensor, residual: Optional[Tensor], weight: T
     has_mod = shift is not None
     rows = x2.shape[0]
     block = _triton.triton.next_power_of_2(dim)
+    cond = shift if has_mod else x_gate  # any (batch, dim) input fixes the rows per batch entry
     _add_rmsnorm_modulate_kernel[(rows,)](
-        x2, r2, weight, shift if has_mod else x2, scale if has_mod else x2, out, residual_out, dim,
-        rows // shift.shape[0] if has_mod else 1, eps, x2.stride(0), r2.stride(0),
+        x2, r2, weight, shift if has_mod else x2, scale if has_mod else x2, x_gate if x_gate is not None else x2,
+        out, residual_out, dim, rows // cond.shape[0] if cond is not None else 1, eps, x2.stride(0), r2.stride(0),
         shift.stride(0) if has_mod else 0, scale.stride(0) if has_mod else 0,
-        HAS_RESIDUAL=residual is not None, HAS_MOD=has_mod, BLOCK=block, num_warps=min(8, max(1, block // 256)))
+        x_gate.stride(0) if x_gate is not None else 0, HAS_RESIDUAL=residual is not None, HAS_MOD=has_mod,
+        HAS_GATE=x_gate is not None, BLOCK=block, num_warps=min(8, max(1, block // 256)))
     return out, residual_out
 
 

@@ -244,7 +244,7 @@ def test_add_rmsnorm_modulate_opcheck(dtype, with_residual, modulate, requires_g
     args = [kw["x"], kw["residual"].float() if with_residual else None, kw["weight"],
             kw["shift"] if modulate else None, kw["scale"] if modulate else None]
     args = [a.requires_grad_(requires_grad) if a is not None else None for a in args]
-    torch.library.opcheck(OPS.add_rmsnorm_modulate.default, (*args, 1e-5))
+    torch.library.opcheck(OPS.add_rmsnorm_modulate.default, (*args, 1e-5, None))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

@@ -48,7 +48,11 @@ def test_triton_interpreter(shape, dtype, tol, residual, modulate):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_cuda_dispatch_uses_triton(shape, dtype, tol):
     args = inputs(shape, dtype, "cuda")
-    assert _ext.backend_for(norm._add_rmsnorm_modulate, *args, 1e-5) == "triton"
+    assert _ext.backend_for(norm._add_rmsnorm_modulate, *args, 1e-5, args[3]) == "triton"
+    out, residual_out = ak.add_rmsnorm_modulate(*args, 1e-5, x_gate=args[3])
+    gated = ((args[0].double() * args[3].double().reshape(args[3].shape[0], *[1] * (args[0].dim() - 2), -1)
+              ).to(dtype),)
+    check(gated + args[1:], out, residual_out, tol)
     out, residual_out = ak.add_rmsnorm_modulate(*args, 1e-5)
     check(args, out, residual_out, tol)
     out, residual_out = ak.add_rmsnorm(args[0], args[1], args[2], 1e-5)
@@ -57,5 +61,28 @@ def test_cuda_dispatch_uses_triton(shape, dtype, tol):
 
 def test_float64_is_not_supported():
     x = torch.randn(2, 8, dtype=torch.float64)
-    reasons = norm.add_rmsnorm_modulate_not_supported_reasons(x, None, x[0], None, None, 1e-5)
+    reasons = norm.add_rmsnorm_modulate_not_supported_reasons(x, None, x[0], None, None, 1e-5, None)
     assert any("float64" in r for r in reasons)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (the GPU test covers CUDA)")
+@pytest.mark.parametrize("modulate", [True, False])
+def test_triton_interpreter_gated_add(modulate):
+    x, r, w, shift, scale = inputs((3, 5, 40), torch.float32, "cpu", True, modulate)
+    gate = torch.randn(3, 40)
+    out, residual_out = norm.add_rmsnorm_modulate_triton(x, r, w, shift, scale, 1e-5, gate)
+    gated = (x.double() * gate.double()[:, None]).float()  # check() compares dtypes with its first input
+    check((gated, r, w, shift, scale), out, residual_out, 1e-5)
+
+
+def test_gated_add_reference_and_gradients():
+    x, r, w = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    gate, shift, scale = (torch.randn(2, 8, dtype=torch.float64) for _ in range(3))
+    out, res = ak.add_rmsnorm_modulate(x, r, w, shift, scale, 1e-5, x_gate=gate)
+    ref, ref_res = ak.add_rmsnorm_modulate_ref(x * gate[:, None], r, w, shift, scale, 1e-5)
+    assert rel_err(out, ref) < 1e-14 and rel_err(res, ref_res) < 1e-14
+    leaves = [t.clone().requires_grad_() for t in (x, r, w, shift, scale, gate)]
+    assert torch.autograd.gradcheck(lambda a, b, c, d, e, g: ak.add_rmsnorm_modulate(a, b, c, d, e, 1e-5, x_gate=g),
+                                    leaves)
+    torch.library.opcheck(torch.ops.aim_kernels.add_rmsnorm_modulate.default, (*leaves[:5], 1e-5, leaves[5]))

@@ -1,0 +1,372 @@
+"""Mamba2 decoding in the SSD (attention-like) form: replay this sequence's per-token inputs instead of
+carrying the (R, H, P, N) state.
+
+Per row and head h (B/C group h // (H / G)), at step t:
+    dt_s = softplus(dt_raw_s + dt_bias),  cum_t = sum_{s <= t} dt_s A            (A < 0: cum decreases)
+    y_t[h, p] = sum_{s <= t} (C_t . B_s) exp(cum_t - cum_s) dt_s x_s[h, p] + D x_t[h, p]
+which is exactly the recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t
+started from a zero state. `ssd_replay_step` appends x_t, B_t (in the histories' dtype, the model
+dtype), dt_t and cum_t at index `step` of the histories (R, T, ...) and returns y_t. The step is a
+0-dim int64 tensor on the device (the decode loop's counter), so nothing syncs with the host and the
+loop can be captured in a CUDA graph. Entries beyond `step` (a previous generation's) are never
+used: the kernel does not load them, the reference masks them out before exp() and the products.
+
+Bytes per step, AiM-XL (48 layers, H = 48, P = 64, N = 128, G = 1, T = 256) at batch 64 with CFG
+(R = 128), bf16 model, averaged over the 256 steps (mean number of history entries 128.5):
+- recurrent (selective_state_update / mamba2_decode_step, fp32 state): the state read and written,
+  2 x 128 x 48 x 64 x 128 x 4 B = 403 MB per layer, 19.3 GB per step over 48 layers.
+- replay: per history entry and row H*P*2 (x) + G*N*2 (B) + H*4 (dt) + H*4 (cum) = 6784 B, read
+  128 x 128.5 x 6784 B = 112 MB per layer, plus ~1.5 MB for the step's own inputs, appends and y,
+  plus the Triton path's float32 weight scratch (written and read: 2 x H*4 = 384 B per entry, 6 MB):
+  ~120 MB per layer, 5.7 GB per step over 48 layers, 30% of the recurrent bytes (the last step,
+  t = 255, moves ~235 MB per layer: 58%). fp32 model (x, B histories in fp32): 128 x 128.5 x 13184 B
+  = 217 MB per layer (54%, 55% with the scratch).
+The replay form moves fewer bytes per step while (t + 1) ((H*P + G*N) e + 16 H) < 2 H*P*N*4
+(e: model dtype bytes; 16 H: dt, cum and the weight scratch): every step while t < 438 (bf16)
+or t < 231 (fp32: AiM's last 25 steps move more than the state form), on average over a
+sequence while T <~ 880 (bf16) or ~460 (fp32). AiM's T = 256 is below both averages. The
+histories take R x T x 6784 B = 222 MB per layer at R = 128 (bf16), about the fp32 state's 201 MB.
+Measured (H200, triton 3.6, all 256 steps in one CUDA graph, mean per step and layer, R = 128, H = 48):
+41 us bf16 / 65 us fp32 (2.7 / 3.4 TB/s on the bytes above without the scratch), against 100 us
+for a plain copy of the fp32 state (403 MB at 4.04 TB/s, the recurrent form's floor) and the
+official selective_state_update's 127 us (AIM_SPEC section 8).
+
+Triton backend (CUDA; CPU tensors under TRITON_INTERPRET=1 through `ssd_replay_step_triton`), two
+launches (three with SPLITS > 1):
+1. `_weights_kernel`, grid (R, T / 32, G): dt_t = softplus(dt + dt_bias) and cum_t = cum_{t-1} +
+   dt_t A for the group's heads; for its 32 entries s <= t: scores = B_s . C_t (B read once per row
+   and group), w[r, s, h] = scores exp(cum_t - cum_s) dt_s into a float32 scratch (R, T, H). The
+   s = t entry comes from the inputs (B_t rounded to the histories' dtype), so no program reads an
+   entry written in this launch; the program whose block holds t appends x_t, B_t, dt_t, cum_t.
+2. `_weighted_sum_kernel`, grid (R, H / HEADS, SPLITS): y[h, :] = sum_{s <= t} w[s, h] x_s[h, :]
+   + D x_t[h, :], the x history read as (BLOCK_S * HEADS, P) tiles (HEADS * P contiguous elements
+   per entry), products accumulated elementwise in float32 and reduced once after the loop (no
+   per-iteration cross-thread reduction). `launch_config` picks the widest head block that still
+   gives >= 2 programs per SM (R = 128, H = 48: 16 heads x 8 entries) and splits the history when R
+   is small; split partials are summed by `_sum_splits_kernel`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _ext
+from ._util import check_tensor, compute_dtype
+from .ssm import _check_groups
+
+try:
+    import triton
+    import triton.language as tl
+    _TRITON_ERROR: Optional[str] = None
+except Exception as e:  # noqa: BLE001 - any import failure means "no Triton backend"
+    triton = tl = None
+    _TRITON_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+
+HIST_STAT_DTYPES = (torch.float32, torch.float64)
+
+
+def allocate_replay_history(rows: int, max_len: int, nheads: int, headdim: int, ngroups: int, d_state: int,
+                            device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(hist_x (R, T, H, P), hist_B (R, T, G, N)) in `dtype`, (hist_dt, hist_cum) (R, T, H) in float32
+    (float64 for a float64 model). Nothing needs zeroing between generations: entries beyond the
+    current step are never used."""
+    stat = torch.promote_types(dtype, torch.float32)
+    return (torch.empty(rows, max_len, nheads, headdim, device=device, dtype=dtype),
+            torch.empty(rows, max_len, ngroups, d_state, device=device, dtype=dtype),
+            torch.empty(rows, max_len, nheads, device=device, dtype=stat),
+            torch.empty(rows, max_len, nheads, device=device, dtype=stat))
+
+
+def ssd_replay_step_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+                        hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> Tensor:
+    cd = compute_dtype(x, dt, A, B, C, hist_cum)
+    rows, T, h = hist_dt.shape
+    g = B.shape[1]
+    at = step.reshape(1)
+    dtc = F.softplus(dt.to(cd) + dt_bias.to(cd))                                        # (R, H)
+    prev = hist_cum.index_select(1, (at - 1).clamp_min(0))[:, 0].to(cd)
+    cum_t = torch.where(step > 0, prev, torch.zeros_like(prev)) + dtc * A.to(cd)
+    hist_x.index_copy_(1, at, x[:, None].to(hist_x.dtype))
+    hist_B.index_copy_(1, at, B[:, None].to(hist_B.dtype))
+    hist_dt.index_copy_(1, at, dtc[:, None].to(hist_dt.dtype))
+    hist_cum.index_copy_(1, at, cum_t[:, None].to(hist_cum.dtype))
+    cum_t = cum_t.to(hist_cum.dtype).to(cd)  # as stored: the s = t term gets exp(0) exactly
+    valid = (torch.arange(T, device=x.device) <= step)[None, :, None]                   # (1, T, 1)
+    # Entries beyond `step` may hold anything (inf, NaN): mask before exp() and before every product.
+    decay = torch.exp(torch.where(valid, cum_t[:, None] - hist_cum.to(cd), -torch.inf))  # (R, T, H)
+    scores = torch.einsum("rtgn,rgn->rtg", hist_B.to(cd), C.to(cd)).repeat_interleave(h // g, dim=2)
+    w = torch.where(valid, scores * decay * hist_dt.to(cd), 0)
+    xs = torch.where(valid[..., None], hist_x.to(cd), 0)
+    y = torch.einsum("rth,rthp->rhp", w, xs) + D.to(cd)[:, None] * x.to(cd)
+    return y.to(x.dtype)
+
+
+# ---- torch.library op --------------------------------------------------------------------------
+
+@torch.library.custom_op("aim_kernels::ssd_replay_step", mutates_args=("hist_x", "hist_B", "hist_dt", "hist_cum"))
+def _ssd_replay_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+                     hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> Tensor:
+    return ssd_replay_step_ref(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step).contiguous()
+
+
+@_ssd_replay_step.register_fake
+def _(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ---- Triton backend ----------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_unavailable_reasons() -> list[str]:
+    reasons = []
+    if _ext._disabled("triton"):
+        reasons.append(f"disabled by AIM_KERNELS_DISABLE={os.environ.get('AIM_KERNELS_DISABLE')}")
+    if _TRITON_ERROR is not None:
+        reasons.append(_TRITON_ERROR)
+    if not torch.cuda.is_available() and not _interpreting():
+        reasons.append("no CUDA device (and TRITON_INTERPRET is not set)")
+    return reasons
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_POW2_DIM = 256
+
+
+def not_supported_reasons(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+                          hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor,
+                          step: Tensor) -> list[str]:
+    """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
+    reasons = _triton_unavailable_reasons()
+    if x.device.type != "cuda" and not _interpreting():
+        reasons.append(f"inputs are on {x.device}, not a CUDA device")
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("dt_bias", dt_bias),
+                    ("hist_x", hist_x), ("hist_B", hist_B)):
+        if t.dtype not in _TRITON_DTYPES:
+            reasons.append(f"{name} is {t.dtype}; the Triton kernel takes float32, bfloat16 or float16")
+    for name, t in (("hist_dt", hist_dt), ("hist_cum", hist_cum)):
+        if t.dtype != torch.float32:
+            reasons.append(f"{name} is {t.dtype}; the Triton kernel keeps it in float32")
+    for name, t in (("hist_x", hist_x), ("hist_B", hist_B), ("hist_dt", hist_dt), ("hist_cum", hist_cum)):
+        if not t.is_contiguous():
+            reasons.append(f"{name} is not contiguous")
+    for name, t in (("x", x), ("B", B), ("C", C)):
+        if t.stride(-1) != 1:
+            reasons.append(f"{name}'s last dimension is not contiguous (stride(-1) != 1)")
+    p, n = x.shape[2], B.shape[2]
+    for name, v in (("headdim", p), ("d_state", n)):
+        if v & (v - 1) or v > MAX_POW2_DIM:
+            reasons.append(f"{name} {v} is not a power of two <= {MAX_POW2_DIM}")
+    return reasons
+
+
+def _alloc_outputs(rows: int, nheads: int, headdim: int, max_len: int, splits: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """y (R, H, P) in x's dtype; float32 scratch: weights (R, T, H), partials (SPLITS, R, H, P) (empty
+    when SPLITS == 1)."""
+    return (torch.empty(rows, nheads, headdim, dtype=dtype, device=device),
+            torch.empty(rows, max_len, nheads, dtype=torch.float32, device=device),
+            torch.empty(splits if splits > 1 else 0, rows, nheads, headdim, dtype=torch.float32, device=device))
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def launch_config(rows: int, nheads: int, headdim: int, max_len: int,
+                  device: torch.device) -> tuple[int, int, int, int]:
+    """(HEADS, BLOCK_S, SPLITS, WARPS) of the weighted-sum kernel: heads per program, history entries
+    per iteration, splits of the history, warps per program."""
+    # the widest head block (long contiguous rows of x) that still gives >= 2 programs per SM
+    sms = _num_sms(device)
+    divisors = [b for b in (16, 8, 4, 2, 1) if nheads % b == 0]
+    heads = next((b for b in divisors if rows * (nheads // b) >= 2 * sms), next(b for b in divisors if b <= 4))
+    block_s = max(1, 8192 // (heads * headdim))  # an (entries x heads, P) tile of 8192 elements
+    programs = rows * (nheads // heads)
+    splits = 1  # split the history while the grid is small and every split keeps >= 2 tiles
+    while programs * splits < 2 * sms and max_len >= 4 * splits * block_s:
+        splits *= 2
+    return heads, block_s, splits, 4
+
+
+if triton is not None:
+    @triton.jit
+    def _weights_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, dt_bias_ptr, hx_ptr, hB_ptr, hdt_ptr, hcum_ptr,
+                        step_ptr, w_ptr, stride_xr, stride_xh, stride_dtr, stride_dth, stride_br, stride_bg,
+                        stride_cr, stride_cg, T, H, G, HEADS_PER_GROUP,
+                        P: tl.constexpr, N: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+        """w[r, s, h] = (C_t . B_s) exp(cum_t - cum_s) dt_s for s <= t in this program's block, heads
+        of group g; the program whose block holds t appends x_t, B_t, dt_t, cum_t for the group."""
+        r = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        g = tl.program_id(2)
+        t = tl.load(step_ptr)
+        i = tl.arange(0, GROUP_PAD)
+        hmask = i < HEADS_PER_GROUP
+        h = g * HEADS_PER_GROUP + i
+        n = tl.arange(0, N)
+
+        # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
+        dt = (tl.load(dt_ptr + r * stride_dtr + h * stride_dth, mask=hmask, other=0.0).to(tl.float64)
+              + tl.load(dt_bias_ptr + h, mask=hmask, other=0.0).to(tl.float64))
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
+        row_ht = r * T * H                                                    # (R, T, H) arrays
+        prev = tl.load(hcum_ptr + row_ht + (t - 1) * H + h, mask=hmask & (t > 0) & (t <= T), other=0.0)
+        cum_t = prev + dt * tl.load(A_ptr + h, mask=hmask, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + r * stride_cr + g * stride_cg + n).to(tl.float32)
+        B_t = tl.load(B_ptr + r * stride_br + g * stride_bg + n).to(hB_ptr.dtype.element_ty)
+
+        # s < t from the histories; s = t from the inputs (no entry written in this launch is read)
+        past = (s < t) & (s < T)
+        hB_row = hB_ptr + r * T * G * N + g * N
+        Bs = tl.load(hB_row + s[:, None] * (G * N) + n[None, :], mask=past[:, None], other=0.0)
+        Bs = tl.where((s == t)[:, None], B_t[None, :], Bs).to(tl.float32)
+        scores = tl.sum(Bs * C[None, :], axis=1)                              # (BLOCK_S,)
+        sh = row_ht + s[:, None] * H + h[None, :]
+        pmask = past[:, None] & hmask[None, :]
+        now = (s == t)[:, None]
+        cum_s = tl.where(now, cum_t[None, :], tl.load(hcum_ptr + sh, mask=pmask, other=0.0))
+        dt_s = tl.where(now, dt[None, :], tl.load(hdt_ptr + sh, mask=pmask, other=0.0))
+        used = (past[:, None] | now) & hmask[None, :]
+        w = scores[:, None] * tl.exp(tl.where(used, cum_t[None, :] - cum_s, float("-inf"))) * dt_s
+        tl.store(w_ptr + sh, w, mask=used & (s < T)[:, None])
+
+        if (t >= tl.program_id(1) * BLOCK_S) & (t < tl.program_id(1) * BLOCK_S + BLOCK_S) & (t < T):
+            p = tl.arange(0, P)
+            x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask[:, None], other=0.0)
+            tl.store(hx_ptr + (row_ht + t * H + h[:, None]) * P + p[None, :], x_t.to(hx_ptr.dtype.element_ty),
+                     mask=hmask[:, None])
+            tl.store(hB_row + t * (G * N) + n, B_t)
+            tl.store(hdt_ptr + row_ht + t * H + h, dt, mask=hmask)
+            tl.store(hcum_ptr + row_ht + t * H + h, cum_t, mask=hmask)
+
+    @triton.jit
+    def _weighted_sum_kernel(x_ptr, D_ptr, hx_ptr, w_ptr, step_ptr, y_ptr, part_ptr, stride_xr, stride_xh,
+                             T, H, S_PER_SPLIT, P: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr,
+                             SPLIT: tl.constexpr):
+        """y[r, h] = sum_{s <= t} w[r, s, h] x_s[h] (+ D x_t): (BLOCK_S x HEADS, P) tiles of the x
+        history, float32 products accumulated elementwise, reduced once at the end."""
+        r = tl.program_id(0).to(tl.int64)
+        h0 = tl.program_id(1) * HEADS
+        k = tl.program_id(2)
+        t = tl.load(step_ptr)
+        K: tl.constexpr = BLOCK_S * HEADS
+        e = tl.arange(0, K)
+        he = h0 + e % HEADS                                                   # tile row e: entry e // HEADS
+        p = tl.arange(0, P)
+        s_lo = k * S_PER_SPLIT
+        s_end = tl.minimum(tl.minimum(s_lo + S_PER_SPLIT, t + 1), T)
+        acc = tl.zeros((K, P), dtype=tl.float32)
+        for s0 in range(s_lo, s_end, BLOCK_S):
+            s = s0 + e // HEADS
+            mask = (s < s_end) & (he < H)
+            sh = (r * T + s) * H + he
+            w = tl.load(w_ptr + sh, mask=mask, other=0.0)
+            xs = tl.load(hx_ptr + sh[:, None] * P + p[None, :], mask=mask[:, None], other=0.0)
+            acc += w[:, None] * xs.to(tl.float32)
+        out = tl.sum(tl.reshape(acc, (BLOCK_S, HEADS, P)), axis=0)          # (HEADS, P)
+        h = h0 + tl.arange(0, HEADS)
+        hp = h[:, None] * P + p[None, :]
+        hmask = (h < H)[:, None]
+        if k == 0:
+            x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask, other=0.0)
+            out += tl.load(D_ptr + h, mask=h < H, other=0.0).to(tl.float32)[:, None] * x_t.to(tl.float32)
+        if SPLIT:
+            tl.store(part_ptr + (k * tl.num_programs(0) + r) * (H * P) + hp, out, mask=hmask)
+        else:
+            tl.store(y_ptr + r * (H * P) + hp, out.to(y_ptr.dtype.element_ty), mask=hmask)
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, y_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(SPLITS):
+            acc += tl.load(part_ptr + k * numel + i, mask=mask, other=0.0)
+        tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+WEIGHTS_BLOCK_S = 32
+
+
+def ssd_replay_step_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+                           hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor,
+                           config: Optional[tuple[int, int, int, int]] = None) -> Tensor:
+    """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests).
+
+    config: (HEADS, BLOCK_S, SPLITS, WARPS) instead of `launch_config`'s choice (tests, tuning).
+    """
+    reasons = not_supported_reasons(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+    if reasons:
+        raise ValueError("the Triton ssd_replay_step cannot run these inputs: " + "; ".join(reasons))
+    rows, T, h, p = hist_x.shape
+    g, n = hist_B.shape[2:]
+    heads, block_s, splits, warps = config or launch_config(rows, h, p, T, x.device)
+    y, w, partials = _alloc_outputs(rows, h, p, T, splits, x.dtype, x.device)
+    if rows == 0:
+        return y
+    A, D, dt_bias = (t.contiguous() for t in (A, D, dt_bias))
+    per_group = h // g
+    group_pad = triton.next_power_of_2(per_group)
+    _weights_kernel[(rows, triton.cdiv(T, WEIGHTS_BLOCK_S), g)](
+        x, dt, A, B, C, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, w,
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        T, h, g, per_group, P=p, N=n, GROUP_PAD=group_pad, BLOCK_S=WEIGHTS_BLOCK_S,
+        num_warps=8 if group_pad * p >= 4096 else 4)
+    s_per_split = triton.cdiv(triton.cdiv(T, splits), block_s) * block_s
+    _weighted_sum_kernel[(rows, triton.cdiv(h, heads), splits)](
+        x, D, hist_x, w, step, y, partials, x.stride(0), x.stride(1), T, h, s_per_split,
+        P=p, HEADS=heads, BLOCK_S=block_s, SPLIT=splits > 1, num_warps=warps)
+    if splits > 1:
+        numel = y.numel()
+        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024, num_warps=4)
+    return y
+
+
+_ext.register_backend(_ssd_replay_step, "triton", device_type="cuda", impl=ssd_replay_step_triton,
+                      not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton_unavailable_reasons)
+
+
+# ---- public API --------------------------------------------------------------------------------
+
+def ssd_replay_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+                    hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> Tensor:
+    """One Mamba2 decode step in the SSD form (see the module docstring); appends to the histories.
+
+    x (R, H, P); dt (R, H) raw (before dt_bias and softplus); A, D, dt_bias (H,); B, C (R, G, N);
+    hist_x (R, T, H, P), hist_B (R, T, G, N) (the model dtype), hist_dt, hist_cum (R, T, H) (float32
+    or float64) from `allocate_replay_history`; step: 0-dim int64 tensor on the inputs' device, in
+    [0, T), the same for every row. Returns y_t (R, H, P) in x's dtype, without the z gate.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be (rows, nheads, headdim), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    rows, h, p = x.shape
+    dev = x.device
+    check_tensor("x", x, (rows, h, p), device=dev)
+    check_tensor("dt", dt, (rows, h), device=dev)
+    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
+        check_tensor(name, t, (h,), device=dev)
+    check_tensor("B", B, (rows, None, None), device=dev)
+    g, n = B.shape[1:]
+    _check_groups(h, g)
+    check_tensor("C", C, (rows, g, n), device=dev)
+    check_tensor("hist_x", hist_x, (rows, None, h, p), device=dev)
+    T = hist_x.shape[1]
+    if T < 1:
+        raise ValueError("the histories must hold at least one step (hist_x.shape[1] >= 1)")
+    check_tensor("hist_B", hist_B, (rows, T, g, n), device=dev)
+    check_tensor("hist_dt", hist_dt, (rows, T, h), device=dev, dtypes=HIST_STAT_DTYPES)
+    check_tensor("hist_cum", hist_cum, (rows, T, h), device=dev, dtypes=HIST_STAT_DTYPES)
+    check_tensor("step", step, (), device=dev, dtypes=(torch.int64,))
+    return _ssd_replay_step(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+
+
+__all__ = ["allocate_replay_history", "launch_config", "not_supported_reasons", "ssd_replay_step",
+           "ssd_replay_step_ref", "ssd_replay_step_triton"]
