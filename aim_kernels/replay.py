@@ -47,24 +47,17 @@ launches (three with SPLITS > 1):
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ext
+from . import _ext, _triton
 from ._util import check_tensor, compute_dtype
 from .ssm import _check_groups
 
-try:
-    import triton
-    import triton.language as tl
-    _TRITON_ERROR: Optional[str] = None
-except Exception as e:  # noqa: BLE001 - any import failure means "no Triton backend"
-    triton = tl = None
-    _TRITON_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+from ._triton import tl, triton
 
 HIST_STAT_DTYPES = (torch.float32, torch.float64)
 
@@ -120,22 +113,6 @@ def _(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step):
 
 # ---- Triton backend ----------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_unavailable_reasons() -> list[str]:
-    reasons = []
-    if _ext._disabled("triton"):
-        reasons.append(f"disabled by AIM_KERNELS_DISABLE={os.environ.get('AIM_KERNELS_DISABLE')}")
-    if _TRITON_ERROR is not None:
-        reasons.append(_TRITON_ERROR)
-    if not torch.cuda.is_available() and not _interpreting():
-        reasons.append("no CUDA device (and TRITON_INTERPRET is not set)")
-    return reasons
-
-
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_POW2_DIM = 256
 
 
@@ -143,13 +120,8 @@ def not_supported_reasons(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
                           hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor,
                           step: Tensor) -> list[str]:
     """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
-    reasons = _triton_unavailable_reasons()
-    if x.device.type != "cuda" and not _interpreting():
-        reasons.append(f"inputs are on {x.device}, not a CUDA device")
-    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("dt_bias", dt_bias),
-                    ("hist_x", hist_x), ("hist_B", hist_B)):
-        if t.dtype not in _TRITON_DTYPES:
-            reasons.append(f"{name} is {t.dtype}; the Triton kernel takes float32, bfloat16 or float16")
+    reasons = _triton.reasons(x.device)
+    reasons += _triton.dtype_reasons(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, hist_x=hist_x, hist_B=hist_B)
     for name, t in (("hist_dt", hist_dt), ("hist_cum", hist_cum)):
         if t.dtype != torch.float32:
             reasons.append(f"{name} is {t.dtype}; the Triton kernel keeps it in float32")
@@ -330,7 +302,7 @@ def ssd_replay_step_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
 
 
 _ext.register_backend(_ssd_replay_step, "triton", device_type="cuda", impl=ssd_replay_step_triton,
-                      not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton_unavailable_reasons)
+                      not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
 
 
 # ---- public API --------------------------------------------------------------------------------

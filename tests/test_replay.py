@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import aim_kernels.replay as replay
-from aim_kernels import _ext
+from aim_kernels import _ext, _triton
 from aim_kernels.replay import allocate_replay_history, ssd_replay_step, ssd_replay_step_ref
 from aim_kernels.ssm import selective_state_update, ssd_chunk_scan
 
@@ -203,7 +203,7 @@ def check_triton_steps(seq, dtype, max_len, device, config=None, steps=None):
 
 
 def needs_interpreter():
-    if not replay._interpreting():
+    if not _triton.interpreting():
         pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
 
 
@@ -262,7 +262,7 @@ def test_not_supported_reasons():
     assert "hist_x is not contiguous" in reasons(7, hist[0].transpose(0, 1).contiguous().transpose(0, 1))
     assert "headdim 6 is not a power of two" in reasons(0, torch.randn(2, 4, 6))
     assert "d_state 12 is not a power of two" in reasons(3, torch.randn(2, 1, 12))
-    if replay._interpreting():
+    if _triton.interpreting():
         assert replay.not_supported_reasons(*args) == []
         with pytest.raises(ValueError, match="cannot run these inputs"):
             replay.ssd_replay_step_triton(*args[:10], hist[3].double(), args[11])
