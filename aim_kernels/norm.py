@@ -323,3 +323,52 @@ def add_rmsnorm_modulate_triton(x: Tensor, residual: Optional[Tensor], weight: T
 _ext.register_backend(_add_rmsnorm_modulate, "triton", device_type="cuda", impl=add_rmsnorm_modulate_triton,
                       not_supported_reasons=add_rmsnorm_modulate_not_supported_reasons,
                       unavailable_reasons=_triton.unavailable_reasons)
+
+
+# ---- Triton backend: the mixer's gated RMSNorm (forward) ----------------------------------------
+
+if _triton.triton is not None:
+
+    @_triton.triton.jit
+    def _rmsnorm_gated_kernel(X, Z, W, OUT, group_size, groups, eps, stride_x, stride_z,
+                              HAS_Z: tl.constexpr, BLOCK: tl.constexpr):
+        row, group = tl.program_id(0), tl.program_id(1)
+        cols = group * group_size + tl.arange(0, BLOCK)
+        mask = tl.arange(0, BLOCK) < group_size
+        v = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(Z + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
+            v = v * z * tl.sigmoid(z)
+        rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / group_size + eps)
+        out = v * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + row * group_size * groups + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+def rmsnorm_gated_not_supported_reasons(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float,
+                                        group_size: int) -> list[str]:
+    """Why the Triton kernel cannot run these inputs; empty list: it can."""
+    reasons = _triton.reasons(x.device) + _triton.dtype_reasons(x=x, z=z, weight=weight)
+    if group_size > MAX_TRITON_DIM:
+        reasons.append(f"group size {group_size} > {MAX_TRITON_DIM}")
+    for name, t in (("x", x), ("z", z), ("weight", weight)):
+        if t is not None and t.stride(-1) != 1:
+            reasons.append(f"{name}'s last dimension is not contiguous")
+    return reasons
+
+
+def rmsnorm_gated_triton(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """One program per (row, group): v = x * silu(z), RMS over the group, times weight."""
+    dim = x.shape[-1]
+    x2 = x.reshape(-1, dim)
+    z2 = z.reshape(-1, dim) if z is not None else x2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = _triton.triton.next_power_of_2(group_size)
+    _rmsnorm_gated_kernel[(x2.shape[0], dim // group_size)](
+        x2, z2, weight, out, group_size, dim // group_size, eps, x2.stride(0), z2.stride(0),
+        HAS_Z=z is not None, BLOCK=block, num_warps=min(8, max(1, block // 256)))
+    return out
+
+
+_ext.register_backend(_rmsnorm_gated, "triton", device_type="cuda", impl=rmsnorm_gated_triton,
+                      not_supported_reasons=rmsnorm_gated_not_supported_reasons,
+                      unavailable_reasons=_triton.unavailable_reasons)

@@ -86,3 +86,34 @@ def test_gated_add_reference_and_gradients():
     assert torch.autograd.gradcheck(lambda a, b, c, d, e, g: ak.add_rmsnorm_modulate(a, b, c, d, e, 1e-5, x_gate=g),
                                     leaves)
     torch.library.opcheck(torch.ops.aim_kernels.add_rmsnorm_modulate.default, (*leaves[:5], 1e-5, leaves[5]))
+
+
+def gated_inputs(shape, dtype, device, with_z):
+    x = torch.randn(shape, device=device).to(dtype)
+    z = torch.randn(shape, device=device).to(dtype) if with_z else None
+    return x, z, (1 + 0.1 * torch.randn(shape[-1], device=device)).to(dtype)
+
+
+def check_gated(x, z, w, group_size, out, tol):
+    ref = ak.rmsnorm_gated_ref(x.double(), None if z is None else z.double(), w.double(), 1e-5, group_size)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert rel_err(out, ref) < tol
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (the GPU test covers CUDA)")
+@pytest.mark.parametrize("shape,group_size", [((3, 48), 48), ((2, 5, 40), 10), ((1, 7), 7)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("with_z", [True, False])
+def test_rmsnorm_gated_triton_interpreter(shape, group_size, dtype, tol, with_z):
+    x, z, w = gated_inputs(shape, dtype, "cpu", with_z)
+    check_gated(x, z, w, group_size, norm.rmsnorm_gated_triton(x, z, w, 1e-5, group_size), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,group_size", [((128, 3072), 3072), ((2, 1536), 1536), ((4, 257, 2048), 1024)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_rmsnorm_gated_cuda_dispatch_uses_triton(shape, group_size, dtype, tol):
+    x, z, w = gated_inputs(shape, dtype, "cuda", True)
+    assert _ext.backend_for(norm._rmsnorm_gated, x, z, w, 1e-5, group_size) == "triton"
+    check_gated(x, z, w, group_size, ak.rmsnorm_gated(x, z, w, 1e-5, group_size), tol)
