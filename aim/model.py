@@ -7,7 +7,7 @@ same code runs the references on the CPU and the fast kernels on the GPU.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,24 @@ from .vq import VQConfig, VQModel
 
 NORM_EPS = 1e-5
 LABEL_DROP_PROB = 0.1  # classifier-free guidance training: labels become the null class
+
+
+class StateCache(NamedTuple):
+    """Recurrent decode state of one layer: the conv window and the SSM state."""
+    conv_state: Tensor
+    ssm_state: Tensor
+
+
+class ReplayCache(NamedTuple):
+    """Replay-form decode state of one Mamba2 layer: the conv window, this sequence's per-token SSM
+    inputs, A = -exp(A_log) (computed once per generation) and the generation's step counter."""
+    conv_state: Tensor
+    hist_x: Tensor
+    hist_B: Tensor
+    hist_dt: Tensor
+    hist_cum: Tensor
+    A: Tensor
+    step: Tensor
 
 
 class RMSNorm(nn.Module):
@@ -79,18 +97,42 @@ class Mamba2Mixer(nn.Module):
                               D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         return self._out(y.flatten(-2), z)
 
-    def step(self, u: Tensor, cache: tuple[Tensor, Tensor]) -> Tensor:
-        """One token: u (batch, d_model); updates the (conv_state, ssm_state) cache in place."""
-        conv_state, ssm_state = cache
-        y = ak.mamba2_decode_step(self.in_proj(u), conv_state, ssm_state, self.conv1d.weight.squeeze(1),
-                                  self.conv1d.bias, self.A_log, self.D, self.dt_bias,
-                                  self.norm.weight, NORM_EPS, self.headdim, self.ngroups)
-        return self.out_proj(y)
+    def step(self, u: Tensor, cache: Union[StateCache, ReplayCache]) -> Tensor:
+        """One token: u (batch, d_model); updates the cache in place."""
+        zxbcdt = self.in_proj(u)
+        if isinstance(cache, StateCache):
+            y = ak.mamba2_decode_step(zxbcdt, cache.conv_state, cache.ssm_state, self.conv1d.weight.squeeze(1),
+                                      self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight,
+                                      NORM_EPS, self.headdim, self.ngroups)
+            return self.out_proj(y)
+        z, xBC, dt = self._split(zxbcdt)
+        xBC = ak.causal_conv1d_update(xBC, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        n = self.d_state
+        y = ak.ssd_replay_step(x.unflatten(-1, (self.nheads, self.headdim)), dt, cache.A,
+                               B.unflatten(-1, (self.ngroups, n)), C.unflatten(-1, (self.ngroups, n)), self.D,
+                               self.dt_bias, cache.hist_x, cache.hist_B, cache.hist_dt, cache.hist_cum, cache.step)
+        return self._out(y.flatten(-2), z)
 
-    def allocate_cache(self, batch: int, device, dtype, state_dtype) -> tuple[Tensor, Tensor]:
+    def allocate_cache(self, batch: int, device, dtype, state_dtype, max_len: int,
+                       step: Optional[Tensor]) -> Union[StateCache, ReplayCache]:
+        """Replay form when given the generation's step counter, the recurrent state form otherwise."""
         conv_dim, width = self.conv1d.weight.shape[0], self.conv1d.weight.shape[-1]
-        return (torch.zeros(batch, conv_dim, width - 1, device=device, dtype=dtype),
-                torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=state_dtype))
+        conv_state = torch.zeros(batch, conv_dim, width - 1, device=device, dtype=dtype)
+        if step is None:
+            return StateCache(conv_state, torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
+                                                      dtype=state_dtype))
+        history = ak.allocate_replay_history(batch, max_len, self.nheads, self.headdim, self.ngroups,
+                                             self.d_state, device, dtype)
+        return ReplayCache(conv_state, *history, torch.empty(self.nheads, device=device), step)
+
+    def reset_cache(self, cache: Union[StateCache, ReplayCache]) -> None:
+        """Start of a generation: empty windows and state (the replay history needs no reset)."""
+        cache.conv_state.zero_()
+        if isinstance(cache, StateCache):
+            cache.ssm_state.zero_()
+        else:
+            cache.A.copy_(-torch.exp(self.A_log.float()))
 
 
 class Mamba1Mixer(nn.Module):
@@ -126,7 +168,7 @@ class Mamba1Mixer(nn.Module):
                               delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
 
-    def step(self, u: Tensor, cache: tuple[Tensor, Tensor]) -> Tensor:
+    def step(self, u: Tensor, cache: StateCache) -> Tensor:
         conv_state, ssm_state = cache
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x = ak.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
@@ -136,10 +178,16 @@ class Mamba1Mixer(nn.Module):
             D=self.D[None], z=z[:, None], dt_bias=self.dt_proj.bias[None], dt_softplus=True)
         return self.out_proj(y[:, 0])
 
-    def allocate_cache(self, batch: int, device, dtype, state_dtype) -> tuple[Tensor, Tensor]:
+    def allocate_cache(self, batch: int, device, dtype, state_dtype, max_len: int,
+                       step: Optional[Tensor]) -> StateCache:
+        """Always the recurrent form (the replay form is Mamba2's)."""
         width = self.conv1d.weight.shape[-1]
-        return (torch.zeros(batch, self.d_inner, width - 1, device=device, dtype=dtype),
-                torch.zeros(batch, 1, self.d_inner, self.d_state, device=device, dtype=state_dtype))
+        return StateCache(torch.zeros(batch, self.d_inner, width - 1, device=device, dtype=dtype),
+                          torch.zeros(batch, 1, self.d_inner, self.d_state, device=device, dtype=state_dtype))
+
+    def reset_cache(self, cache: StateCache) -> None:
+        cache.conv_state.zero_()
+        cache.ssm_state.zero_()
 
 
 class Block(nn.Module):
@@ -317,11 +365,17 @@ class AiM(nn.Module):
             hidden, gate, residual = layer(hidden, gate, residual, mod, cache=layer_cache)
         return self.head(hidden, gate, residual, final_mod)
 
-    def allocate_cache(self, rows: int, state_dtype: Optional[torch.dtype] = None) -> list:
-        """Per layer (conv_state, ssm_state); the SSM state is float32 by default (float64 models: float64)."""
+    def allocate_cache(self, rows: int, state_dtype: Optional[torch.dtype] = None,
+                       replay_step: Optional[Tensor] = None) -> list:
+        """Per-layer decode caches. The SSM state is float32 by default (float64 models: float64); with
+        `replay_step` (the generation's device step counter) Mamba2 layers keep the replay form instead."""
         state_dtype = state_dtype or torch.promote_types(self.dtype, torch.float32)
-        return [layer.mixer.allocate_cache(rows, self.device, self.dtype, state_dtype)
-                for layer in self.backbone.layers]
+        return [layer.mixer.allocate_cache(rows, self.device, self.dtype, state_dtype, self.config.num_tokens,
+                                           replay_step) for layer in self.backbone.layers]
+
+    def reset_cache(self, cache: list) -> None:
+        for layer, layer_cache in zip(self.backbone.layers, cache):
+            layer.mixer.reset_cache(layer_cache)
 
     # ---- generation and checkpoints, defined beside the sampler and the loader --------------------
     generate_tokens = generation.generate_tokens

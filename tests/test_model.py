@@ -44,21 +44,32 @@ def test_golden_train_logits(golden):
     assert rel_err(logits, data["expected.train_logits"]) < 1e-6
 
 
-def test_golden_decode_logits(golden):
+def forms(model) -> list[str]:
+    return ["state", "replay"] if model.config.layer == "Mamba2" else ["state"]
+
+
+@pytest.mark.parametrize("form", ["state", "replay"])
+def test_golden_decode_logits(golden, form):
     name, model, data = golden
+    if form not in forms(model):
+        pytest.skip("the replay form is Mamba2's")
     tokens, logits = model.generate_tokens(data["inputs.labels"], cfg_scale=CASES[name]["cfg_scale"],
-                                           forced_tokens=data["inputs.tokens"], return_logits=True)
+                                           forced_tokens=data["inputs.tokens"], return_logits=True,
+                                           decode_form=form)
     assert torch.equal(tokens, data["inputs.tokens"])
     assert rel_err(logits, data["expected.decode_logits"]) < 1e-6
 
 
+@pytest.mark.parametrize("form", ["state", "replay"])
 @pytest.mark.parametrize("convention,offset", [("official", 1), ("train", 0)])
-def test_decode_equals_forward(golden, convention, offset):
+def test_decode_equals_forward(golden, convention, offset, form):
     """Teacher-forced decoding (no guidance) equals the full-sequence forward with matching position ids."""
     name, model, data = golden
+    if form not in forms(model):
+        pytest.skip("the replay form is Mamba2's")
     tokens, labels = data["inputs.tokens"], data["inputs.labels"]
     _, logits = model.generate_tokens(labels, cfg_scale=1.0, forced_tokens=tokens, return_logits=True,
-                                      decode_positions=convention)
+                                      decode_positions=convention, decode_form=form)
     n = model.config.num_tokens
     forward = model(tokens, labels, positions=torch.arange(offset, n - 1 + offset))
     assert rel_err(logits, forward) < 1e-12
@@ -103,6 +114,14 @@ def test_sampled_generation_is_reproducible_and_in_range():
     assert a.min() >= 0 and a.max() < 64
 
 
+def test_decode_forms_sample_the_same_tokens():
+    model = small_model()
+    labels = torch.tensor([0, 4, 2])
+    runs = [model.generate_tokens(labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(3), decode_form=f)
+            for f in ("state", "replay")]
+    assert torch.equal(*runs)
+
+
 def test_generation_respects_top_k():
     """Every sampled token is among the top-k guided logits of its step (teacher-forced replay)."""
     model = small_model()
@@ -143,6 +162,7 @@ def test_mamba1_small_decode_equals_forward():
     (dict(labels=[0], top_p=1.5), "top_p"),
     (dict(labels=[0], top_k=-1), "top_k"),
     (dict(labels=[0], decode_positions="shifted"), "decode_positions"),
+    (dict(labels=[0], decode_form="chunked"), "decode_form"),
     (dict(labels=[0], forced_tokens=torch.zeros(1, 8, dtype=torch.long)), "forced_tokens"),
     (dict(labels=[0], forced_tokens=torch.full((1, 9), 64)), "forced_tokens"),
 ])
