@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .config import AiMConfig
+from .generation import REPLAY_MIN_ROWS
 from .model import AiM
 from .vq import VQConfig
 
@@ -68,9 +69,11 @@ def bench_generate(preset: str, batch: int, dtype: str, cfg_scale: float = 2.0, 
     first, _ = _timed(run, 1)  # includes the CUDA-graph capture
     tokens_s, times = _timed(run, repeats)
     rows = 2 * batch if cfg_scale != 1.0 else batch
+    form = "replay" if rows >= REPLAY_MIN_ROWS and state_dtype == torch.float32 else "state"
     floor_s = model.config.num_tokens * step_bytes(model, rows, state_dtype) / 4.25e12
     official = OFFICIAL_TOKENS_S.get((preset, dtype), {}).get(batch)
     result = dict(preset=preset, batch=batch, dtype=dtype, state_dtype=str(state_dtype).removeprefix("torch."),
+                  decode_form=form,
                   cfg_scale=cfg_scale, tokens_s=tokens_s, times_s=times, first_call_s=first,
                   floor_s=floor_s, x_floor=tokens_s / floor_s, official_tokens_s=official,
                   speedup_vs_official=official / tokens_s if official else None)
@@ -91,7 +94,7 @@ def format_row(r: dict) -> str:
     official = (f"official {r['official_tokens_s']:.3f} s -> {r['speedup_vs_official']:.2f}x"
                 if r["official_tokens_s"] else "official -")
     vq = f"  +VQ {r['vq_decode_s'] * 1e3:.1f} ms ({100 * r['vq_fraction']:.0f}%)" if "vq_decode_s" in r else ""
-    return (f"{r['preset']:<7} {r['dtype']:<9} batch {r['batch']:>3}: {r['tokens_s'] * 1e3:8.1f} ms  "
+    return (f"{r['preset']:<7} {r['dtype']:<9} batch {r['batch']:>3} {r['decode_form']:<6}: {r['tokens_s'] * 1e3:8.1f} ms  "
             f"floor {r['floor_s'] * 1e3:6.1f} ms ({r['x_floor']:.1f}x)  {official}  "
             f"first call {r['first_call_s']:.1f} s{vq}")
 

@@ -290,7 +290,11 @@ class VQModel(nn.Module):
             raise ValueError(f"codes must lie in [0, {n}), got values in [{lo}, {hi}]")
         weight = self.post_quant_conv.weight
         quant = self.quantize.lookup(codes.to(device=weight.device, dtype=torch.long)).to(weight.dtype)
-        return self.decoder(self.post_quant_conv(quant))
+        if self.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):  # a channels_last model
+            quant = quant.contiguous(memory_format=torch.channels_last)
+        # fixed shapes, called repeatedly: let cuDNN pick its fastest convolution algorithms
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False):
+            return self.decoder(self.post_quant_conv(quant))
 
     @classmethod
     def from_llamagen_checkpoint(

@@ -17,8 +17,9 @@ from _common import DATA, Recorder  # noqa: E402
 
 from aim.bench import bench_generate, format_row  # noqa: E402
 
-QUICK = [("AiM-B", 1, "bfloat16"), ("AiM-B", 64, "bfloat16"), ("AiM-B", 1, "float32"),
-         ("AiM-XL", 1, "bfloat16"), ("AiM-XL", 64, "bfloat16")]
+QUICK = [("AiM-B", 1, "bfloat16"), ("AiM-B", 16, "bfloat16"), ("AiM-B", 64, "bfloat16"), ("AiM-B", 256, "bfloat16"),
+         ("AiM-B", 1, "float32"), ("AiM-L", 1, "bfloat16"), ("AiM-L", 64, "bfloat16"),
+         ("AiM-XL", 1, "bfloat16"), ("AiM-XL", 64, "bfloat16"), ("AiM-XL", 64, "float32")]
 
 
 def main() -> None:

@@ -176,15 +176,16 @@ def generate_section(gpu: str, rows: list[dict]) -> list[str]:
              "no top-k/top-p, fp32 SSM state; CUDA graphs captured by the first call), median of 3 after it. "
              "Floor: the bytes one recurrent step must move (weights read once, conv and SSM state read and "
              "written once) x 256 steps at 4.25 TB/s. Official: AIM_SPEC section 8, same GPU model.", "",
-             "| model | weights | batch | aim-kernels | official | speed-up vs official | byte floor | x floor | "
-             "VQ decode (share of total) | first call (capture) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | weights | batch | SSM decode form | aim-kernels | official | speed-up vs official | byte floor | "
+             "x floor | VQ decode (share of total) | first call (capture) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if r["case"] == "tokens"),
                     key=lambda r: (r["model"], r["dtype"], r["shape"]["batch"])):
         official = f"{r['official_tokens_s']:.3f} s" if r.get("official_tokens_s") else "-"
         speedup = f"**{r['speedup_vs_official']:.2f}x**" if r.get("speedup_vs_official") else "-"
         vq = (f"{1e3 * r['vq_decode_s']:.0f} ms ({100 * r['vq_fraction']:.0f}%)" if r.get("vq_decode_s") else "-")
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['shape']['batch']} | {r['tokens_s']:.3f} s | {official} | "
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['shape']['batch']} | {r.get('decode_form', 'state')} | "
+                     f"{r['tokens_s']:.3f} s | {official} | "
                      f"{speedup} | {r['floor_s']:.3f} s | {r['x_floor']:.1f}x | {vq} | {r['first_call_s']:.1f} s |")
     lines.append("")
     return lines
