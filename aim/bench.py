@@ -36,7 +36,8 @@ def step_bytes(model: AiM, rows: int, state_dtype: torch.dtype) -> int:
     weights = sum(p.numel() * p.element_size() for name, p in model.mamba.named_parameters()
                   if not any(part in name for part in per_generation))
     states = sum(conv.numel() * conv.element_size() + ssm.numel() * torch.finfo(state_dtype).bits // 8
-                 for conv, ssm in (layer.mixer.allocate_cache(rows, "meta", model.dtype, state_dtype)
+                 for conv, ssm in (layer.mixer.allocate_cache(rows, "meta", model.dtype, state_dtype,
+                                                              model.config.num_tokens, None)
                                    for layer in model.backbone.layers))
     return weights + 2 * states
 
