@@ -205,6 +205,9 @@ def render(rows: list[dict], plot_dir: Path) -> str:
         lines += ["No measurements yet.", ""]
     for gpu, rr in sorted(gen.items()):
         lines += generate_section(gpu, rr)
+    notes = ROOT / "benchmarks" / "notes_generate.md"
+    if gen and notes.exists():
+        lines += [notes.read_text().strip(), ""]
     conv = {gpu: r for (k, gpu), r in runs.items() if k == "causal_conv1d"}
     lines += ["## causal conv1d", ""]
     if not conv:
