@@ -186,6 +186,9 @@ def _mod_backward(ctx, dout):
 _adaln_modulate.register_autograd(_mod_backward, setup_context=_mod_setup)
 
 
+_ext.declare_op(_adaln_modulate)  # reference only, for aim_kernels.info
+
+
 # ---- public API --------------------------------------------------------------------------------
 
 def _check_x(x: Tensor) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _ext
 from ._util import check_tensor, compute_dtype, placeholder_grads, reference_vjp
 
 
@@ -234,6 +235,10 @@ def _selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: 
 @_selective_state_update.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return x.new_empty(x.shape)
+
+
+for _op in (_ssd_chunk_scan, _selective_scan, _selective_state_update):  # reference only, for aim_kernels.info
+    _ext.declare_op(_op)
 
 
 # ---- public API --------------------------------------------------------------------------------
