@@ -375,3 +375,144 @@ def rmsnorm_gated_triton(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: fl
 _ext.register_backend(_rmsnorm_gated, "triton", device_type="cuda", impl=rmsnorm_gated_triton,
                       not_supported_reasons=rmsnorm_gated_not_supported_reasons,
                       unavailable_reasons=_triton.unavailable_reasons)
+
+
+# ---- the block prologue fused with the following projection (decode) ---------------------------
+
+def norm_linear_ref(x: Tensor, x_gate: Optional[Tensor], residual: Optional[Tensor], norm_weight: Tensor,
+                    shift: Tensor, scale: Tensor, eps: float, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(linear(add_rmsnorm_modulate(...)), residual'): the prologue's output, rounded to x's dtype as
+    the unfused path does, goes straight into the projection `weight` (out_features, dim)."""
+    h, r = add_rmsnorm_modulate_ref(x, residual, norm_weight, shift, scale, eps, x_gate)
+    return F.linear(h, weight.to(h.dtype)), r
+
+
+@torch.library.custom_op("aim_kernels::norm_linear", mutates_args=())
+def _norm_linear(x: Tensor, x_gate: Optional[Tensor], residual: Optional[Tensor], norm_weight: Tensor,
+                 shift: Tensor, scale: Tensor, eps: float, weight: Tensor) -> tuple[Tensor, Tensor]:
+    out, r = norm_linear_ref(x, x_gate, residual, norm_weight, shift, scale, eps, weight)
+    return out.contiguous(), r.clone(memory_format=torch.contiguous_format)
+
+
+@_norm_linear.register_fake
+def _(x, x_gate, residual, norm_weight, shift, scale, eps, weight):
+    cd = compute_dtype(x, residual, norm_weight, shift, scale, x_gate)
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), torch.empty_like(x, dtype=cd,
+                                                                        memory_format=torch.contiguous_format)
+
+
+def norm_linear(x: Tensor, x_gate: Optional[Tensor], residual: Optional[Tensor], norm_weight: Tensor,
+                shift: Tensor, scale: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Decode-step block prologue and input projection in one op: for r = x_gate * x + residual,
+    returns (linear(RMSNorm(r) * norm_weight * (1 + scale) + shift, weight), r). x (rows, dim)."""
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError("x must be (rows, dim)")
+    check_tensor("x", x, tuple(x.shape), device=x.device)
+    for name, t in (("x_gate", x_gate), ("residual", residual), ("shift", shift), ("scale", scale)):
+        if t is not None:
+            check_tensor(name, t, tuple(x.shape), device=x.device)
+    check_tensor("norm_weight", norm_weight, (x.shape[1],), device=x.device)
+    check_tensor("weight", weight, (None, x.shape[1]), device=x.device)
+    return _norm_linear(x, x_gate, residual, norm_weight, shift, scale, float(eps), weight)
+
+
+MAX_NORM_LINEAR_ROWS = 16  # one padded tile of rows: beyond it a GEMM library does better
+
+if _triton.triton is not None:
+
+    @_triton.triton.jit
+    def _gated_residual(X, GATE, R, rows, cols, row_mask, col_mask, stride_x, stride_gate, stride_r,
+                        HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        m = row_mask[:, None] & col_mask[None, :]
+        r = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            r *= tl.load(GATE + rows[:, None] * stride_gate + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        return r
+
+    @_triton.triton.jit
+    def _norm_linear_kernel(X, GATE, R, NW, SHIFT, SCALE, W, OUT, ROUT, n_rows, dim, n_out, eps,
+                            stride_x, stride_gate, stride_r, stride_shift, stride_scale, stride_w,
+                            HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        # Every program recomputes the (small) normalised rows and multiplies them by its BLOCK_N
+        # output features; program 0 also writes the new residual.
+        pid = tl.program_id(0)
+        rows = tl.arange(0, ROWS)
+        row_mask = rows < n_rows
+        ks = tl.arange(0, BLOCK_K)
+        sumsq = tl.zeros((ROWS,), dtype=tl.float32)
+        for k0 in range(0, dim, BLOCK_K):
+            r = _gated_residual(X, GATE, R, rows, k0 + ks, row_mask, k0 + ks < dim, stride_x, stride_gate,
+                                stride_r, HAS_GATE, HAS_RESIDUAL)
+            sumsq += tl.sum(r * r, axis=1)
+        rstd = 1.0 / tl.sqrt(sumsq / dim + eps)
+        ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = ns < n_out
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, dim, BLOCK_K):
+            cols = k0 + ks
+            col_mask = cols < dim
+            m = row_mask[:, None] & col_mask[None, :]
+            r = _gated_residual(X, GATE, R, rows, cols, row_mask, col_mask, stride_x, stride_gate, stride_r,
+                                HAS_GATE, HAS_RESIDUAL)
+            if pid == 0:
+                tl.store(ROUT + rows[:, None] * dim + cols[None, :], r, mask=m)
+            h = r * rstd[:, None] * tl.load(NW + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            scale = tl.load(SCALE + rows[:, None] * stride_scale + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            shift = tl.load(SHIFT + rows[:, None] * stride_shift + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            h = (h * (1.0 + scale) + shift).to(X.dtype.element_ty)  # rounded like the unfused output
+            w = tl.load(W + ns[:, None] * stride_w + cols[None, :], mask=n_mask[:, None] & col_mask[None, :],
+                        other=0.0)
+            if IEEE:
+                acc += tl.dot(h, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(h, tl.trans(w))
+        tl.store(OUT + rows[:, None] * n_out + ns[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=row_mask[:, None] & n_mask[None, :])
+
+
+def norm_linear_not_supported_reasons(x: Tensor, x_gate: Optional[Tensor], residual: Optional[Tensor],
+                                      norm_weight: Tensor, shift: Tensor, scale: Tensor, eps: float,
+                                      weight: Tensor) -> list[str]:
+    """Why the Triton kernel cannot run these inputs; empty list: it can."""
+    tensors = dict(x=x, x_gate=x_gate, residual=residual, norm_weight=norm_weight, shift=shift, scale=scale,
+                   weight=weight)
+    reasons = _triton.reasons(x.device) + _triton.dtype_reasons(**tensors)
+    if x.shape[0] > MAX_NORM_LINEAR_ROWS:
+        reasons.append(f"{x.shape[0]} rows > {MAX_NORM_LINEAR_ROWS}: the prologue kernel and a GEMM run instead")
+    if weight.dtype != x.dtype:
+        reasons.append(f"weight is {weight.dtype}, x is {x.dtype}")
+    for name, t in tensors.items():
+        if t is not None and t.stride(-1) != 1:
+            reasons.append(f"{name}'s last dimension is not contiguous")
+    return reasons
+
+
+def norm_linear_triton(x: Tensor, x_gate: Optional[Tensor], residual: Optional[Tensor], norm_weight: Tensor,
+                       shift: Tensor, scale: Tensor, eps: float, weight: Tensor) -> tuple[Tensor, Tensor]:
+    rows, dim = x.shape
+    n_out = weight.shape[0]
+    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty(rows, dim, dtype=torch.float32, device=x.device)
+    block_n = 16 if n_out <= 8192 else 32
+    _norm_linear_kernel[(_triton.triton.cdiv(n_out, block_n),)](
+        x, x_gate if x_gate is not None else x, residual if residual is not None else x, norm_weight, shift, scale,
+        weight, out, residual_out, rows, dim, n_out, eps, x.stride(0),
+        x_gate.stride(0) if x_gate is not None else 0, residual.stride(0) if residual is not None else 0,
+        shift.stride(0), scale.stride(0), weight.stride(0), HAS_GATE=x_gate is not None,
+        HAS_RESIDUAL=residual is not None, ROWS=MAX_NORM_LINEAR_ROWS, BLOCK_N=block_n, BLOCK_K=128,
+        IEEE=x.dtype == torch.float32, num_warps=4)
+    return out, residual_out
+
+
+def _norm_linear_unfused(x, x_gate, residual, norm_weight, shift, scale, eps, weight):
+    """Beyond the Triton kernel's reach (many rows): the fused prologue op, then a GEMM."""
+    h, r = _add_rmsnorm_modulate(x, residual, norm_weight, shift, scale, eps, x_gate)
+    return F.linear(h, weight.to(h.dtype)), r
+
+
+_ext.register_backend(_norm_linear, "triton", device_type="cuda", impl=norm_linear_triton,
+                      not_supported_reasons=norm_linear_not_supported_reasons,
+                      unavailable_reasons=_triton.unavailable_reasons, fallback=_norm_linear_unfused)

@@ -114,3 +114,49 @@ def test_rmsnorm_gated_cuda_dispatch_uses_triton(shape, group_size, dtype, tol):
     x, z, w = gated_inputs(shape, dtype, "cuda", True)
     assert _ext.backend_for(norm._rmsnorm_gated, x, z, w, 1e-5, group_size) == "triton"
     check_gated(x, z, w, group_size, ak.rmsnorm_gated(x, z, w, 1e-5, group_size), tol)
+
+
+def norm_linear_inputs(rows, dim, n_out, dtype, device, gated=True):
+    t = lambda *shape: torch.randn(*shape, device=device).to(dtype)  # noqa: E731
+    return (t(rows, dim), t(rows, dim) if gated else None,
+            torch.randn(rows, dim, device=device) if gated else None, 1 + 0.1 * t(dim), t(rows, dim),
+            0.1 * t(rows, dim), t(n_out, dim) / dim ** 0.5)
+
+
+def check_norm_linear(args, out, residual_out, tol):
+    x, g, r, nw, shift, scale, w = (a.double() if a is not None else None for a in args)
+    ref, ref_r = ak.norm_linear_ref(x, g, r, nw, shift, scale, 1e-5, w)
+    assert out.dtype == args[0].dtype and out.shape == ref.shape and residual_out.dtype == torch.float32
+    assert rel_err(out, ref) < tol and rel_err(residual_out, ref_r) < 1e-6
+
+
+def test_norm_linear_reference_is_the_composition():
+    x, g, r, nw, shift, scale, w = norm_linear_inputs(3, 24, 10, torch.float64, "cpu")
+    out, res = ak.norm_linear(x, g, r, nw, shift, scale, w)
+    h, ref_res = ak.add_rmsnorm_modulate(x, r, nw, shift, scale, x_gate=g)
+    assert rel_err(out, h @ w.T) < 1e-14 and torch.equal(res, ref_res)
+    torch.library.opcheck(torch.ops.aim_kernels.norm_linear.default, (x, g, r, nw, shift, scale, 1e-5, w))
+    torch.library.opcheck(torch.ops.aim_kernels.norm_linear.default, (x, None, None, nw, shift, scale, 1e-5, w))
+    with pytest.raises(ValueError, match="weight"):
+        ak.norm_linear(x, g, r, nw, shift, scale, w[:, :5])
+
+
+# The interpreter's bf16 tl.dot is wrong (Triton 3.8: a bf16 dot there returns garbage), so bf16 runs on the GPU only.
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (the GPU test covers CUDA)")
+@pytest.mark.parametrize("rows,dim,n_out", [(2, 200, 40), (5, 64, 17), (16, 300, 70)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_norm_linear_triton_interpreter(rows, dim, n_out, dtype, tol, gated):
+    args = norm_linear_inputs(rows, dim, n_out, dtype, "cpu", gated)
+    check_norm_linear(args, *norm.norm_linear_triton(*args[:6], 1e-5, args[6]), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,dim,n_out", [(2, 768, 3352), (16, 1536, 6448), (2, 1024, 16384), (40, 768, 3352)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_norm_linear_cuda(rows, dim, n_out, dtype, tol):
+    args = norm_linear_inputs(rows, dim, n_out, dtype, "cuda")
+    expected = "triton" if rows <= norm.MAX_NORM_LINEAR_ROWS else "reference"
+    assert _ext.backend_for(norm._norm_linear, *args[:6], 1e-5, args[6]) == expected
+    check_norm_linear(args, *ak.norm_linear(*args), tol)
