@@ -97,8 +97,9 @@ class Mamba2Mixer(nn.Module):
                               D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         return self._out(y.flatten(-2), z)
 
-    def step(self, zxbcdt: Tensor, cache: Union[StateCache, ReplayCache]) -> Tensor:
-        """One token from its input projection zxbcdt (batch, in_proj features); updates the cache in place."""
+    def step(self, u: Tensor, cache: Union[StateCache, ReplayCache]) -> Tensor:
+        """One token: u (batch, d_model); updates the cache in place."""
+        zxbcdt = self.in_proj(u)
         if isinstance(cache, StateCache):
             y = ak.mamba2_decode_step(zxbcdt, cache.conv_state, cache.ssm_state, self.conv1d.weight.squeeze(1),
                                       self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight,
@@ -167,10 +168,9 @@ class Mamba1Mixer(nn.Module):
                               delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
 
-    def step(self, xz: Tensor, cache: StateCache) -> Tensor:
-        """One token from its input projection xz (batch, 2 * d_inner); updates the cache in place."""
+    def step(self, u: Tensor, cache: StateCache) -> Tensor:
         conv_state, ssm_state = cache
-        x, z = xz.chunk(2, dim=-1)
+        x, z = self.in_proj(u).chunk(2, dim=-1)
         x = ak.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
         y = ak.selective_state_update(  # Mamba1 is one head of headdim d_inner
@@ -214,14 +214,9 @@ class Block(nn.Module):
         mixer takes a recurrent step.
         """
         shift, scale, gate = modulation.unbind(1)
-        if cache is None:
-            h, residual = ak.add_rmsnorm_modulate(hidden, residual, self.norm.weight, shift, scale, NORM_EPS,
-                                                  x_gate=hidden_gate)
-            h = self.mixer(h)
-        else:  # decode: the prologue runs fused with the mixer's input projection
-            projected, residual = ak.norm_linear(hidden, hidden_gate, residual, self.norm.weight, shift, scale,
-                                                 self.mixer.in_proj.weight, NORM_EPS)
-            h = self.mixer.step(projected, cache)
+        h, residual = ak.add_rmsnorm_modulate(hidden, residual, self.norm.weight, shift, scale, NORM_EPS,
+                                              x_gate=hidden_gate)
+        h = self.mixer(h) if cache is None else self.mixer.step(h, cache)
         return F.dropout(h, self.mixer_drop, self.training), gate, residual
 
 
@@ -335,9 +330,6 @@ class AiM(nn.Module):
         bb = self.backbone
         h, _ = ak.add_rmsnorm(hidden, residual, bb.norm_f.weight, NORM_EPS, x_gate=gate)
         shift, scale = final_mod.unbind(1)
-        if h.dim() == 2:  # one decode step: the final norm runs fused with the head
-            return ak.norm_linear(h, None, None, bb.final_layer.norm_final.weight, shift, scale,
-                                  self.mamba.lm_head.weight, NORM_EPS)[0]
         h, _ = ak.add_rmsnorm_modulate(h, None, bb.final_layer.norm_final.weight, shift, scale, NORM_EPS)
         return self.mamba.lm_head(h)
 

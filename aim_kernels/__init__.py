@@ -6,8 +6,7 @@ is the pure-PyTorch reference (`*_ref`); faster backends register for the CUDA d
 from .causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from .decode import mamba2_decode_step, mamba2_decode_step_ref
 from .norm import (adaln_modulate, adaln_modulate_ref, add_rmsnorm, add_rmsnorm_modulate,
-                   add_rmsnorm_modulate_ref, add_rmsnorm_ref, norm_linear, norm_linear_ref, rmsnorm_gated,
-                   rmsnorm_gated_ref)
+                   add_rmsnorm_modulate_ref, add_rmsnorm_ref, rmsnorm_gated, rmsnorm_gated_ref)
 from .replay import allocate_replay_history, ssd_replay_step, ssd_replay_step_ref
 from .sampling import check_sampling_args, guided_logits, sample_next_token, sample_next_token_ref
 from .ssm import (selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref,
