@@ -26,12 +26,13 @@ def load_model(args) -> AiM:
     device, dtype = _device(args.device), DTYPES[args.dtype]
     if args.checkpoint:
         return AiM.from_pretrained(args.checkpoint, device=device, dtype=dtype)
-    print(f"*** RANDOM WEIGHTS: {args.preset} with an untrained tokenizer. The image is noise; it shows the "
-          f"pipeline runs. Pass --checkpoint hp-l33/aim-base (or a local directory) for real samples. ***",
+    config = AiMConfig.from_json(args.config) if args.config else AiMConfig.from_preset(args.preset)
+    print(f"*** RANDOM WEIGHTS: {args.config or args.preset} with an untrained tokenizer. The image is noise; it "
+          f"shows the pipeline runs. Pass --checkpoint hp-l33/aim-base (or a local directory) for real samples. ***",
           file=sys.stderr)
     torch.manual_seed(args.seed)
     with torch.device(device):
-        model = AiM(AiMConfig.from_preset(args.preset), vq_config=VQConfig())
+        model = AiM(config, vq_config=VQConfig())
     return model.to(dtype).eval()
 
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", help="official checkpoint directory or hub id (e.g. hp-l33/aim-base); "
                                           "without it, a random-weights demo of --preset")
     gen.add_argument("--preset", default="AiM-B", choices=sorted(PRESETS), help="model for the random-weights demo")
+    gen.add_argument("--config", help="an AiMConfig JSON file for the random-weights demo (instead of --preset)")
     gen.add_argument("--classes", type=int, nargs="+", help="ImageNet class ids (default: random)")
     gen.add_argument("--batch", type=int, default=4, help="number of images when --classes is not given")
     gen.add_argument("--cfg-scale", type=float, default=2.0)
