@@ -219,18 +219,22 @@ def rmsnorm_gated(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float = 1
     return _rmsnorm_gated(x, z, weight, float(eps), int(group_size))
 
 
-def add_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float = 1e-5,
-                x_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Returns (RMSNorm(r) * weight in x's dtype, r in float32 or wider) for r = x_gate * x + residual.
-
-    x_gate (batch, dim), broadcast over x's middle dimensions, is the previous block's adaLN gate.
-    """
+def _check_residual_add(x: Tensor, residual: Optional[Tensor], weight: Tensor, x_gate: Optional[Tensor]) -> None:
     _check_x(x)
     if residual is not None:
         _check_last_dim("residual", residual, x)
     if x_gate is not None:
         _check_cond("x_gate", x_gate, x)
     check_tensor("weight", weight, (x.shape[-1],), device=x.device)
+
+
+def add_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float = 1e-5,
+                x_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Returns (RMSNorm(r) * weight in x's dtype, r in float32 or wider) for r = x_gate * x + residual.
+
+    x_gate (batch, dim), broadcast over x's middle dimensions, is the previous block's adaLN gate.
+    """
+    _check_residual_add(x, residual, weight, x_gate)
     return _add_rmsnorm_modulate(x, residual, weight, None, None, float(eps), x_gate)
 
 
@@ -245,12 +249,7 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 def add_rmsnorm_modulate(x: Tensor, residual: Optional[Tensor], weight: Tensor, shift: Tensor, scale: Tensor,
                          eps: float = 1e-5, x_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Fused block prologue: returns (adaln_modulate(RMSNorm(r) * weight), r) for r = x_gate * x + residual."""
-    _check_x(x)
-    if residual is not None:
-        _check_last_dim("residual", residual, x)
-    if x_gate is not None:
-        _check_cond("x_gate", x_gate, x)
-    check_tensor("weight", weight, (x.shape[-1],), device=x.device)
+    _check_residual_add(x, residual, weight, x_gate)
     _check_cond("shift", shift, x)
     _check_cond("scale", scale, x)
     return _add_rmsnorm_modulate(x, residual, weight, shift, scale, float(eps), x_gate)
