@@ -133,3 +133,12 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
 def test_not_a_path_nor_hub_id():
     with pytest.raises(ValueError, match="local directory"):
         AiM.from_pretrained("no/such/thing/here")
+
+
+def test_official_generate_snippet_runs():
+    """The official README's call, unchanged: images straight from the VQ decoder."""
+    model = AiM(tiny_config(vocab_size=32), vq_config=TINY_VQ).eval()
+    imgs = model.generate(batch=3, temperature=1, top_p=0.98, top_k=600, cfg_scale=5)
+    assert imgs.shape == (3, 3, 4, 4) and torch.isfinite(imgs).all()
+    labels = torch.tensor([[1], [2]])  # the official (B, 1) class tensor
+    assert model.generate(c=labels, cfg_scale=1.5, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 4, 4)
