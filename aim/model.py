@@ -223,7 +223,7 @@ class Block(nn.Module):
 class AiM(nn.Module):
     """AiM: `mamba` (the stage-2 language model) and, optionally, `vqvae` (the LlamaGen tokenizer).
 
-    model(tokens, labels) -> teacher-forced logits; see aim.generate for sampling.
+    model(tokens, labels) -> teacher-forced logits; generate_tokens() and generate() sample (aim/generation.py).
     """
 
     def __init__(self, config: AiMConfig, vq_config: Optional[VQConfig] = None):
