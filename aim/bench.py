@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .config import AiMConfig
-from .generation import REPLAY_MIN_ROWS
+from .generation import replay_form
 from .model import AiM
 from .vq import VQConfig
 
@@ -70,7 +70,7 @@ def bench_generate(preset: str, batch: int, dtype: str, cfg_scale: float = 2.0, 
     first, _ = _timed(run, 1)  # includes the CUDA-graph capture
     tokens_s, times = _timed(run, repeats)
     rows = 2 * batch if cfg_scale != 1.0 else batch
-    form = "replay" if rows >= REPLAY_MIN_ROWS and state_dtype == torch.float32 else "state"
+    form = "replay" if replay_form(model, rows, state_dtype) else "state"
     floor_s = model.config.num_tokens * step_bytes(model, rows, state_dtype) / 4.25e12
     official = OFFICIAL_TOKENS_S.get((preset, dtype), {}).get(batch)
     result = dict(preset=preset, batch=batch, dtype=dtype, state_dtype=str(state_dtype).removeprefix("torch."),

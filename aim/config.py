@@ -12,6 +12,10 @@ MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, c
 MAMBA1_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto")
 
 
+def is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclass
 class AiMConfig:
     d_model: int = 1024
@@ -37,7 +41,7 @@ class AiMConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "num_classes", "num_tokens", "num_groups"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"AiMConfig.{name} must be a positive int, got {value!r}")
         unsupported = []
         if self.d_intermediate:

@@ -31,6 +31,13 @@ REPLAY_MIN_ROWS = 32
 STEPS_PER_GRAPH = 16
 
 
+def replay_form(model, rows: int, state_dtype: torch.dtype, decode_form: str = "auto") -> bool:
+    """Whether the Mamba2 layers decode in replay form (fewer bytes at many rows; float32 state only)."""
+    if decode_form == "auto":
+        return model.config.layer == "Mamba2" and rows >= REPLAY_MIN_ROWS and state_dtype == torch.float32
+    return decode_form == "replay"
+
+
 @dataclass(frozen=True)
 class Settings:
     cfg_scale: float
@@ -42,10 +49,7 @@ class Settings:
     decode_form: str
 
     def replay_form(self, model, rows: int) -> bool:
-        """Whether the Mamba2 layers decode in replay form (fewer bytes at many rows; fp32 statistics)."""
-        if self.decode_form == "auto":
-            return model.config.layer == "Mamba2" and rows >= REPLAY_MIN_ROWS and self.state_dtype == torch.float32
-        return self.decode_form == "replay"
+        return replay_form(model, rows, self.state_dtype, self.decode_form)
 
     @property
     def guidance(self) -> Optional[float]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aim._state_dict import load_state_dict_strict
+from aim.config import is_positive_int
 
 
 @dataclass
@@ -34,10 +35,10 @@ class VQConfig:
     def __post_init__(self) -> None:
         for name in ("n_embed", "embed_dim", "z_channels", "ch", "num_res_blocks", "in_channels", "out_channels"):
             value = getattr(self, name)
-            if not _is_positive_int(value):
+            if not is_positive_int(value):
                 raise ValueError(f"VQConfig.{name} must be a positive int, got {value!r}")
         self.ch_mult = tuple(self.ch_mult)
-        if not self.ch_mult or not all(_is_positive_int(m) for m in self.ch_mult):
+        if not self.ch_mult or not all(is_positive_int(m) for m in self.ch_mult):
             raise ValueError(f"VQConfig.ch_mult must be a non-empty sequence of positive ints, got {self.ch_mult!r}")
         # Every feature map width is ch * m (m = 1 at the encoder input) and goes through GroupNorm(32).
         for m in (1,) + self.ch_mult:
@@ -66,10 +67,6 @@ class VQConfig:
             raise ValueError(f"cannot infer the VQ tokenizer's shape from the {prefix!r} weights: {e!r}") from None
         return cls(n_embed=n_embed, embed_dim=embed_dim, z_channels=z_channels, ch=ch, ch_mult=ch_mult,
                    num_res_blocks=num_res_blocks, in_channels=in_channels, out_channels=out_channels)
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def Normalize(channels: int) -> nn.GroupNorm:

@@ -47,6 +47,15 @@ def unavailable_reasons() -> list[str]:
     return out
 
 
+MAX_POW2_DIM = 256
+
+
+def pow2_reasons(**dims: int) -> list[str]:
+    """One reason per dimension that is not a power of two <= MAX_POW2_DIM (the SSM kernels' tiles)."""
+    return [f"{name} {v} is not a power of two <= {MAX_POW2_DIM}" for name, v in dims.items()
+            if v & (v - 1) or v > MAX_POW2_DIM]
+
+
 def dtype_reasons(**tensors) -> list[str]:
     """One reason per tensor whose dtype the Triton kernels do not take (None tensors are skipped)."""
     return [f"{name} is {t.dtype}; the Triton kernel takes float32, bfloat16 or float16"

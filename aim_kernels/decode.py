@@ -79,7 +79,6 @@ def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, 
 # ---- Triton backend ----------------------------------------------------------------------------
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
-MAX_POW2_DIM = 256
 TILE_ELEMENTS = 2048  # state elements per loop iteration of a program (16 per thread at 4 warps)
 NUM_WARPS = 4
 
@@ -95,10 +94,7 @@ def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor,
         reasons.append(f"ssm_state is {ssm_state.dtype}; the Triton kernel keeps it in float32 or bfloat16")
     if conv_weight.shape[1] > MAX_WIDTH:
         reasons.append(f"conv width {conv_weight.shape[1]} > {MAX_WIDTH}")
-    p, n = ssm_state.shape[2], ssm_state.shape[3]
-    for name, v in (("headdim", p), ("d_state", n)):
-        if v & (v - 1) or v > MAX_POW2_DIM:
-            reasons.append(f"{name} {v} is not a power of two <= {MAX_POW2_DIM}")
+    reasons += _triton.pow2_reasons(headdim=ssm_state.shape[2], d_state=ssm_state.shape[3])
     if zxbcdt.dim() == 2 and zxbcdt.stride(1) != 1:
         reasons.append("zxbcdt's channels are not contiguous (stride(1) != 1)")
     if ssm_state.stride(3) != 1:

@@ -113,7 +113,6 @@ def _(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step):
 
 # ---- Triton backend ----------------------------------------------------------------------------
 
-MAX_POW2_DIM = 256
 
 
 def not_supported_reasons(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
@@ -131,10 +130,7 @@ def not_supported_reasons(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     for name, t in (("x", x), ("B", B), ("C", C)):
         if t.stride(-1) != 1:
             reasons.append(f"{name}'s last dimension is not contiguous (stride(-1) != 1)")
-    p, n = x.shape[2], B.shape[2]
-    for name, v in (("headdim", p), ("d_state", n)):
-        if v & (v - 1) or v > MAX_POW2_DIM:
-            reasons.append(f"{name} {v} is not a power of two <= {MAX_POW2_DIM}")
+    reasons += _triton.pow2_reasons(headdim=x.shape[2], d_state=B.shape[2])
     return reasons
 
 
