@@ -83,11 +83,11 @@ class Mamba2Mixer(nn.Module):
 
     def _out(self, y: Tensor, z: Tensor) -> Tensor:
         y = ak.rmsnorm_gated(y, z, self.norm.weight, NORM_EPS, self.d_inner // self.ngroups)
-        return self.out_proj(y)
+        return ak.linear(y, self.out_proj.weight)
 
     def forward(self, u: Tensor) -> Tensor:
         """Full sequence: u (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
-        z, xBC, dt = self._split(self.in_proj(u))
+        z, xBC, dt = self._split(ak.linear(u, self.in_proj.weight))
         xBC = ak.causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                "silu").transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
@@ -99,12 +99,12 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, u: Tensor, cache: Union[StateCache, ReplayCache]) -> Tensor:
         """One token: u (batch, d_model); updates the cache in place."""
-        zxbcdt = self.in_proj(u)
+        zxbcdt = ak.linear(u, self.in_proj.weight)
         if isinstance(cache, StateCache):
             y = ak.mamba2_decode_step(zxbcdt, cache.conv_state, cache.ssm_state, self.conv1d.weight.squeeze(1),
                                       self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight,
                                       NORM_EPS, self.headdim, self.ngroups)
-            return self.out_proj(y)
+            return ak.linear(y, self.out_proj.weight)
         z, xBC, dt = self._split(zxbcdt)
         xBC = ak.causal_conv1d_update(xBC, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
@@ -160,23 +160,23 @@ class Mamba1Mixer(nn.Module):
         return F.linear(dt, self.dt_proj.weight), B, C  # dt_proj's bias is added inside the scan
 
     def forward(self, u: Tensor) -> Tensor:
-        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x, z = ak.linear(u, self.in_proj.weight).chunk(2, dim=-1)
         x = ak.causal_conv1d(x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         y = ak.selective_scan(x, dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
                               C.transpose(1, 2), D=self.D, z=z.transpose(1, 2), delta_bias=self.dt_proj.bias,
                               delta_softplus=True)
-        return self.out_proj(y.transpose(1, 2))
+        return ak.linear(y.transpose(1, 2), self.out_proj.weight)
 
     def step(self, u: Tensor, cache: StateCache) -> Tensor:
         conv_state, ssm_state = cache
-        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x, z = ak.linear(u, self.in_proj.weight).chunk(2, dim=-1)
         x = ak.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
         y = ak.selective_state_update(  # Mamba1 is one head of headdim d_inner
             ssm_state, x[:, None], dt[:, None], -torch.exp(self.A_log.float())[None], B[:, None], C[:, None],
             D=self.D[None], z=z[:, None], dt_bias=self.dt_proj.bias[None], dt_softplus=True)
-        return self.out_proj(y[:, 0])
+        return ak.linear(y[:, 0], self.out_proj.weight)
 
     def allocate_cache(self, batch: int, device, dtype, state_dtype, max_len: int,
                        step: Optional[Tensor]) -> StateCache:
@@ -331,7 +331,7 @@ class AiM(nn.Module):
         h, _ = ak.add_rmsnorm(hidden, residual, bb.norm_f.weight, NORM_EPS, x_gate=gate)
         shift, scale = final_mod.unbind(1)
         h, _ = ak.add_rmsnorm_modulate(h, None, bb.final_layer.norm_final.weight, shift, scale, NORM_EPS)
-        return self.mamba.lm_head(h)
+        return ak.linear(h, self.mamba.lm_head.weight)
 
     def forward(self, tokens: Tensor, labels: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         """Teacher-forced logits (B, num_tokens, vocab) for image tokens (B, num_tokens) and classes (B,).

@@ -2,9 +2,20 @@
 
 Triton backends serve the CUDA dispatch key through `_ext.register_backend`; under
 `TRITON_INTERPRET=1` their kernels also run on CPU tensors when called directly (the CI tests them so).
+
+Programmatic dependent launch (PDL, Hopper and later). Batch-1 decoding is a chain of ~120 tiny
+kernels per step, each waiting for the one before. A kernel launched with `launch_pdl=True` may start
+while its predecessor still runs: it loads its parameters (weights: no kernel writes them while the
+model runs), then calls `pdl_wait`, which lets the next kernel launch and blocks until every earlier
+kernel has finished and its writes are visible. Rules for a PDL kernel: before `pdl_wait` read only
+parameters and write nothing (activations, even per-generation ones, may come from a PDL kernel still
+running); every program calls `pdl_wait` exactly once (so a kernel never finishes before its
+predecessors). Kernels without PDL in the same stream stay correct: they start only after the
+previous kernel, which waited for all before it, has finished.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -15,6 +26,7 @@ from . import _ext
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     IMPORT_ERROR: Optional[str] = None
 except Exception as e:  # noqa: BLE001 - any import failure means "no Triton backend"
     triton = tl = None
@@ -60,3 +72,32 @@ def dtype_reasons(**tensors) -> list[str]:
     """One reason per tensor whose dtype the Triton kernels do not take (None tensors are skipped)."""
     return [f"{name} is {t.dtype}; the Triton kernel takes float32, bfloat16 or float16"
             for name, t in tensors.items() if t is not None and t.dtype not in DTYPES]
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch (see the module docstring).
+
+    Off under the interpreter, before Hopper, and with AIM_KERNELS_DISABLE=pdl."""
+    if device.type != "cuda" or interpreting() or _ext._disabled("pdl"):
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for `kernel[grid](...)`: the PDL constexpr and launch flag together."""
+    on = pdl(device)
+    return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
+
+
+if triton is not None:
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """Let the next kernel launch, then wait for the previous ones (no-op without PDL)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()

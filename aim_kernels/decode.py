@@ -152,7 +152,7 @@ if triton is not None:
                          stride_zr, stride_cr, stride_cc, stride_cs, stride_sr, stride_sh, stride_sp,
                          stride_wc, stride_wk, S, H, GN, HEADS_PER_GROUP,
                          P: tl.constexpr, N: tl.constexpr, W: tl.constexpr, P_PER_PROGRAM: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         pb = tl.program_id(2)
@@ -164,6 +164,10 @@ if triton is not None:
         cs_row = conv_state_ptr + r * stride_cr
         p0 = h * P + pb * P_PER_PROGRAM  # this program's x channels: no other program reads their conv_state
         s_head = ssm_state_ptr + r * stride_sr + h * stride_sh + (pb * P_PER_PROGRAM) * stride_sp
+        neg_A = tl.exp(tl.load(A_log_ptr + h).to(tl.float32))  # A = -exp(A_log)
+        skip = tl.load(D_ptr + h).to(tl.float32)
+        dt_bias = tl.load(dt_bias_ptr + h).to(tl.float64)
+        _triton.pdl_wait(PDL)
         state_first = tl.load(s_head + tl.arange(0, BLOCK_P)[:, None] * stride_sp + n[None, :])  # in flight early
 
         # B and C of the group: recomputed by each program, amortised over its P_PER_PROGRAM rows
@@ -172,10 +176,9 @@ if triton is not None:
         C = _conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + GN + g * N + n, S, stride_cc, stride_cs,
                        stride_wc, stride_wk, W, HAS_BIAS)
         # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
-        dt = tl.load(z_row + 2 * d_inner + 2 * GN + h).to(tl.float64) + tl.load(dt_bias_ptr + h).to(tl.float64)
+        dt = tl.load(z_row + 2 * d_inner + 2 * GN + h).to(tl.float64) + dt_bias
         dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
-        dA = tl.exp(-dt * tl.exp(tl.load(A_log_ptr + h).to(tl.float32)))  # A = -exp(A_log)
-        skip = tl.load(D_ptr + h).to(tl.float32)
+        dA = tl.exp(-dt * neg_A)
 
         sumsq = 0.0
         for i in tl.static_range(P_PER_PROGRAM // BLOCK_P):
@@ -201,7 +204,8 @@ if triton is not None:
     def _norm_shift_kernel(zxbcdt_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_ptr,
                            stride_zr, stride_cr, stride_cc, stride_cs, S, eps, D_INNER, GN, GROUP_SIZE,
                            PARTIALS_PER_GROUP, N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PARTS: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
+                           BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        _triton.pdl_wait(PDL)
         r = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         G = tl.num_programs(1)
@@ -247,14 +251,15 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
         zxbcdt.stride(0), *conv_state.stride(), *ssm_state.stride()[:3], *conv_weight.stride(),
         state_len, h, ngroups * n, h // ngroups,
         P=p, N=n, W=width, P_PER_PROGRAM=p_per_program, BLOCK_P=block_p, BLOCK_S=block_s,
-        HAS_BIAS=conv_bias is not None, num_warps=NUM_WARPS)
+        HAS_BIAS=conv_bias is not None, num_warps=NUM_WARPS, **_triton.launch_options(zxbcdt.device))
     group_size = d_inner // ngroups
     parts_per_group = h * p_blocks // ngroups
     _norm_shift_kernel[(rows, ngroups)](
         zxbcdt, conv_state, v, sumsq, norm_weight, out,
         zxbcdt.stride(0), *conv_state.stride(), state_len, eps, d_inner, ngroups * n, group_size, parts_per_group,
         N=n, BLOCK_D=min(triton.next_power_of_2(group_size), 1024),
-        BLOCK_PARTS=triton.next_power_of_2(parts_per_group), BLOCK_S=block_s, num_warps=4)
+        BLOCK_PARTS=triton.next_power_of_2(parts_per_group), BLOCK_S=block_s, num_warps=4,
+        **_triton.launch_options(zxbcdt.device))
     return out
 
 

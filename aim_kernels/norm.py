@@ -266,11 +266,13 @@ if _triton.triton is not None:
     def _add_rmsnorm_modulate_kernel(X, R, W, SHIFT, SCALE, GATE, OUT, ROUT, dim, rows_per_batch, eps,
                                      stride_x, stride_r, stride_shift, stride_scale, stride_gate,
                                      HAS_RESIDUAL: tl.constexpr, HAS_MOD: tl.constexpr, HAS_GATE: tl.constexpr,
-                                     BLOCK: tl.constexpr):
+                                     BLOCK: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0)
         b = row // rows_per_batch
         cols = tl.arange(0, BLOCK)
         mask = cols < dim
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        _triton.pdl_wait(PDL)
         r = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             r *= tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
@@ -278,7 +280,7 @@ if _triton.triton is not None:
             r += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(ROUT + row * dim + cols, r, mask=mask)
         rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / dim + eps)
-        y = r * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = r * rstd * w
         if HAS_MOD:
             scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
             shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
@@ -318,7 +320,8 @@ def add_rmsnorm_modulate_triton(x: Tensor, residual: Optional[Tensor], weight: T
         out, residual_out, dim, rows // cond.shape[0] if cond is not None else 1, eps, x2.stride(0), r2.stride(0),
         shift.stride(0) if has_mod else 0, scale.stride(0) if has_mod else 0,
         x_gate.stride(0) if x_gate is not None else 0, HAS_RESIDUAL=residual is not None, HAS_MOD=has_mod,
-        HAS_GATE=x_gate is not None, BLOCK=block, num_warps=min(8, max(1, block // 256)))
+        HAS_GATE=x_gate is not None, BLOCK=block, num_warps=min(8, max(1, block // 256)),
+        **_triton.launch_options(x.device))
     return out, residual_out
 
 

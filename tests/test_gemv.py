@@ -1,0 +1,120 @@
+"""The decode GEMV (aim_kernels.linear) against float64, on the interpreter and on the GPU."""
+import pytest
+import torch
+
+import aim_kernels as ak
+from aim_kernels import _ext, _triton, gemv
+
+needs_triton = pytest.mark.skipif(bool(_triton.reasons()), reason="; ".join(_triton.reasons()))
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out, ref) -> float:
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err == err, "NaN in output"
+    return err
+
+
+def poisoned_output(monkeypatch):
+    alloc = gemv._alloc_output
+    monkeypatch.setattr(gemv, "_alloc_output", lambda *a: alloc(*a).fill_(float("nan")))
+
+
+def operands(rows, k, n, dtype, device):
+    return (torch.randn(rows, k, device=device).to(dtype),
+            (torch.randn(n, k, device=device) / k ** 0.5).to(dtype))
+
+
+def test_reference_is_a_matmul():
+    x, w = operands(3, 17, 5, torch.float64, "cpu")
+    assert torch.allclose(ak.linear(x, w), x @ w.t())
+    x3 = torch.randn(2, 4, 17, dtype=torch.float64)
+    assert torch.allclose(ak.linear(x3, w), x3 @ w.t())
+
+
+def test_opcheck_and_gradcheck():
+    x, w = operands(3, 9, 4, torch.float64, "cpu")
+    x.requires_grad_(), w.requires_grad_()
+    torch.library.opcheck(torch.ops.aim_kernels.linear.default, (x, w))
+    assert torch.autograd.gradcheck(ak.linear, (x, w))
+    x3 = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ak.linear, (x3, w))
+
+
+def test_bad_input_is_rejected():
+    x, w = operands(2, 8, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ak.linear(x, w[:, :5])
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ak.linear(x.double(), w)
+
+
+@needs_triton
+def test_not_supported_reasons():
+    x, w = operands(2, 8, 4, torch.float32, "cpu")
+    assert gemv.not_supported_reasons(torch.randn(9, 8), w)[-1].startswith("9 rows > 8")
+    assert any("float64" in r for r in gemv.not_supported_reasons(x.double(), w.double()))
+    assert any("in_features" in r for r in gemv.not_supported_reasons(*operands(1, 8193, 2, torch.float32, "cpu")))
+    assert any("-D" in r for r in gemv.not_supported_reasons(x[None], w))
+    with pytest.raises(ValueError, match="cannot run these inputs"):
+        gemv.linear_triton(torch.randn(9, 8), w)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (the GPU test covers CUDA)")
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("k,n", [(7, 5), (768, 33), (1000, 17), (129, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_interpreter(rows, k, n, dtype, monkeypatch):
+    poisoned_output(monkeypatch)
+    x, w = operands(rows, k, n, dtype, "cpu")
+    out = gemv.linear_triton(x, w)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert rel_err(out, x.double() @ w.double().t()) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("k,n", [(768, 3352), (1536, 768), (768, 16384), (3072, 1536), (999, 77)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_dispatch_uses_triton(rows, k, n, dtype, monkeypatch):
+    poisoned_output(monkeypatch)
+    x, w = operands(rows, k, n, dtype, "cuda")
+    assert _ext.backend_for(gemv._linear, x, w) == "triton"
+    assert rel_err(ak.linear(x, w), x.double() @ w.double().t()) < TOL[dtype]
+    x9 = torch.randn(9, k, device="cuda").to(dtype)
+    assert _ext.backend_for(gemv._linear, x9, w) == "reference"
+
+
+def _chain(x, weights):
+    for w_in, w_out in weights:
+        x = ak.linear(ak.linear(x, w_in)[:, :w_out.shape[1]], w_out)
+    return x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pdl_chain_in_a_cuda_graph(dtype, monkeypatch):
+    """24 dependent GEMVs pairs (AiM-B's in_proj -> out_proj) in one CUDA graph: with programmatic
+    dependent launch each kernel starts before its predecessor ends; the result must not change."""
+    torch.manual_seed(0)
+    weights = [((torch.randn(3352, 768, device="cuda") / 768 ** 0.5).to(dtype),
+                (torch.randn(768, 1536, device="cuda") / 1536 ** 0.5).to(dtype)) for _ in range(24)]
+    x = torch.randn(2, 768, device="cuda").to(dtype)
+    ref = x.double()
+    for w_in, w_out in weights:
+        ref = (ref @ w_in.double().t())[:, :1536].to(dtype).double() @ w_out.double().t()
+        ref = ref.to(dtype).double()
+    eager = _chain(x, weights)
+    graph = torch.cuda.CUDAGraph()
+    _chain(x, weights)  # warm-up before capture
+    with torch.cuda.graph(graph):
+        graphed = _chain(x, weights)
+    for _ in range(3):
+        graphed.zero_()
+        graph.replay()
+        assert torch.equal(graphed, eager)
+    monkeypatch.setenv("AIM_KERNELS_DISABLE", "pdl")
+    assert not _triton.pdl(x.device)
+    assert torch.equal(_chain(x, weights), eager)
+    assert rel_err(eager, ref) < TOL[dtype]
