@@ -116,7 +116,8 @@ def not_supported_reasons(x: Tensor, weight: Tensor, bias: Optional[Tensor] = No
     """Why the CUDA kernels cannot run these inputs (empty list: they can).
 
     x is (batch, dim, seqlen) for the full-sequence ops and (batch, dim) for the update step, which
-    also passes conv_state; the backward passes dout.
+    also passes conv_state; the backward passes dout. The kernels read weight and bias of x's dtype or
+    float32 as they are; any other mix of the three dtypes is converted first (`_kernel_params`).
     """
     reasons = _ext.cuda_unavailable_reasons(x.device, "cuda")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
@@ -130,13 +131,23 @@ def not_supported_reasons(x: Tensor, weight: Tensor, bias: Optional[Tensor] = No
     return reasons
 
 
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.to(torch.float32).contiguous()
+def _kernel_params(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """weight and bias as the kernels read them: both of x's dtype or both float32, contiguous, 16-byte
+    aligned. Parameters of x's dtype, or float32 ones with bf16/fp16 activations, pass through untouched
+    (no conversion kernel per call); any other mix (rare) is converted to float32 here."""
+    same = bias is None or bias.dtype == weight.dtype
+    dtype = weight.dtype if same and weight.dtype in (x.dtype, torch.float32) else torch.float32
+
+    def prepare(t: Tensor) -> Tensor:
+        t = t.to(dtype).contiguous()
+        return t if t.data_ptr() % 16 == 0 else t.clone()  # e.g. a view at an odd offset
+
+    return prepare(weight), None if bias is None else prepare(bias)
 
 
 def _causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
     out = torch.empty_like(x)
-    torch.ops.aim_kernels_cuda.causal_conv1d_fwd(x, _f32(weight), _f32(bias), out, silu)
+    torch.ops.aim_kernels_cuda.causal_conv1d_fwd(x, *_kernel_params(x, weight, bias), out, silu)
     return out
 
 
@@ -145,7 +156,7 @@ def _causal_conv1d_bwd_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], d
     dim, width = weight.shape
     dx = torch.empty_like(x)
     dwb = torch.zeros(dim, width + 1, device=x.device, dtype=torch.float32)  # [dweight | dbias], float32 sums
-    torch.ops.aim_kernels_cuda.causal_conv1d_bwd(x, _f32(weight), _f32(bias), dout, dx, dwb, silu)
+    torch.ops.aim_kernels_cuda.causal_conv1d_bwd(x, *_kernel_params(x, weight, bias), dout, dx, dwb, silu)
     dw = dwb[:, :width].to(weight.dtype, memory_format=torch.contiguous_format, copy=True)
     if bias is None:
         db = torch.empty(0, device=x.device, dtype=x.dtype)
@@ -157,7 +168,7 @@ def _causal_conv1d_bwd_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], d
 def _causal_conv1d_update_cuda(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
                                silu: bool) -> Tensor:
     out = torch.empty_like(x)
-    torch.ops.aim_kernels_cuda.causal_conv1d_update(x, conv_state, _f32(weight), _f32(bias), out, silu)
+    torch.ops.aim_kernels_cuda.causal_conv1d_update(x, conv_state, *_kernel_params(x, weight, bias), out, silu)
     return out
 
 

@@ -130,21 +130,20 @@ def sweep(rec) -> None:
         xs = [torch.randn(BATCH, SEQLEN, dim, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(k)]
         douts = [torch.randn(BATCH, SEQLEN, dim, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(k)]
         w = torch.randn(dim, WIDTH, device="cuda", dtype=dtype) / 2
-        b = torch.randn(dim, device="cuda", dtype=dtype)
-        w32, b32 = w.float(), b.float()
+        b = torch.randn(dim, device="cuda", dtype=dtype)  # weight and bias in x's dtype, as the op passes them
         shape = {"batch": BATCH, "dim": dim, "seqlen": SEQLEN, "width": WIDTH, "layout": "channel_last"}
         outs = [torch.empty_like(x) for x in xs]
         for chunk in ("8", "16", "32"):
             os.environ["AIMK_FWD_CHUNK"] = chunk
-            t = time_graph(lambda i: torch.ops.aim_kernels_cuda.causal_conv1d_fwd(xs[i], w32, b32, outs[i], True), k)
+            t = time_graph(lambda i: torch.ops.aim_kernels_cuda.causal_conv1d_fwd(xs[i], w, b, outs[i], True), k)
             rec.add(case="fwd", model="AiM-XL", backend=f"aim_kernels raw fwd_chunk={chunk}", dtype=dname,
                     shape=shape, timing=t, bytes_moved=2 * numel * es, variant=True)
         os.environ.pop("AIMK_FWD_CHUNK")
         dwb = torch.zeros(dim, WIDTH + 1, device="cuda")
         for chunk in ("8", "16"):
             os.environ["AIMK_BWD_CHUNK"] = chunk
-            t = time_graph(lambda i: torch.ops.aim_kernels_cuda.causal_conv1d_bwd(xs[i], w32, b32, douts[i], outs[i],
-                                                                                dwb, True), k)
+            t = time_graph(lambda i: torch.ops.aim_kernels_cuda.causal_conv1d_bwd(xs[i], w, b, douts[i], outs[i],
+                                                                                  dwb, True), k)
             rec.add(case="bwd", model="AiM-XL", backend=f"aim_kernels raw bwd_chunk={chunk}", dtype=dname,
                     shape=shape, timing=t, bytes_moved=3 * numel * es, variant=True)
         os.environ.pop("AIMK_BWD_CHUNK")

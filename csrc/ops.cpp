@@ -40,16 +40,26 @@ void check_on(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), "aim_kernels_cuda: ", name, " is on ", t.device(), ", x on ", ref.device());
 }
 
-void check_params(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t dim) {
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Weight (dim, width) and bias (dim,): contiguous, 16-byte aligned, both of x's dtype or both float32.
+// Returns whether they are float32 (the kernels' params_f32).
+bool check_params(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t dim) {
   check_on(weight, "weight", x);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == dim,
-              "aim_kernels_cuda: weight must be a contiguous float32 (dim, width) tensor");
+  const bool f32 = weight.scalar_type() == at::kFloat;
+  TORCH_CHECK(f32 || weight.scalar_type() == x.scalar_type(), "aim_kernels_cuda: weight must be float32 or x's dtype ",
+              x.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.is_contiguous() && aligned16(weight) && weight.dim() == 2 && weight.size(0) == dim,
+              "aim_kernels_cuda: weight must be a contiguous, 16-byte aligned (dim, width) tensor");
   TORCH_CHECK(weight.size(1) >= 2 && weight.size(1) <= 4, "aim_kernels_cuda: width must be 2..4, got ", weight.size(1));
   if (bias.has_value()) {
     check_on(*bias, "bias", x);
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == dim,
-                "aim_kernels_cuda: bias must be a contiguous float32 (dim,) tensor");
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "aim_kernels_cuda: bias must have weight's dtype ",
+                weight.scalar_type(), ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->is_contiguous() && aligned16(*bias) && bias->dim() == 1 && bias->size(0) == dim,
+                "aim_kernels_cuda: bias must be a contiguous, 16-byte aligned (dim,) tensor");
   }
+  return f32;
 }
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
@@ -65,13 +75,13 @@ void check_launch(cudaError_t err, const char* what) {
 aimk::ConvParams conv_params(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& out, bool silu) {
   TORCH_CHECK(x.dim() == 3, "aim_kernels_cuda: x must be (batch, dim, seqlen)");
-  check_params(x, weight, bias, x.size(1));
-  check_same(out, "out", x);
   aimk::ConvParams p{};
+  p.params_f32 = check_params(x, weight, bias, x.size(1));
+  check_same(out, "out", x);
   p.x = x.data_ptr();
   p.out = out.data_ptr();
-  p.weight = weight.data_ptr<float>();
-  p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  p.weight = weight.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   p.batch = x.size(0); p.dim = x.size(1); p.seqlen = x.size(2);
   p.x_sb = x.stride(0); p.x_sd = x.stride(1); p.x_st = x.stride(2);
   p.o_sb = out.stride(0); p.o_sd = out.stride(1); p.o_st = out.stride(2);
@@ -112,7 +122,8 @@ void causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, con
   check_on(x, "x", x);
   c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.dim() == 2, "aim_kernels_cuda: x must be (batch, dim)");
-  check_params(x, weight, bias, x.size(1));
+  aimk::UpdateParams p{};
+  p.params_f32 = check_params(x, weight, bias, x.size(1));
   check_same(out, "out", x);
   check_on(conv_state, "conv_state", x);
   TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(0) == x.size(0) && conv_state.size(1) == x.size(1),
@@ -120,12 +131,11 @@ void causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, con
   TORCH_CHECK(conv_state.size(2) >= weight.size(1) - 1, "aim_kernels_cuda: conv_state holds ", conv_state.size(2),
               " steps, width ", weight.size(1), " needs ", weight.size(1) - 1);
   TORCH_CHECK(conv_state.scalar_type() == x.scalar_type(), "aim_kernels_cuda: conv_state must have x's dtype");
-  aimk::UpdateParams p{};
   p.x = x.data_ptr();
   p.state = conv_state.data_ptr();
   p.out = out.data_ptr();
-  p.weight = weight.data_ptr<float>();
-  p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  p.weight = weight.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   p.batch = x.size(0); p.dim = x.size(1); p.state_len = conv_state.size(2);
   p.x_sb = x.stride(0); p.x_sd = x.stride(1);
   p.s_sb = conv_state.stride(0); p.s_sd = conv_state.stride(1); p.s_st = conv_state.stride(2);

@@ -173,6 +173,36 @@ def test_cpu_inputs_use_reference_and_say_why():
     assert any("float64" in r for r in cc.not_supported_reasons(x.double(), w.double()))
 
 
+def test_kernel_params_pass_through_or_convert():
+    """The CUDA kernels read weight and bias of x's dtype or float32 as they are (no per-call conversion);
+    other mixes go to float32, and non-contiguous or misaligned parameters are copied."""
+    D, W = 24, 4
+    for xdt, pdt in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                     (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
+        x, w, b = torch.randn(2, D, 5, dtype=xdt), torch.randn(D, W, dtype=pdt), torch.randn(D, dtype=pdt)
+        kw, kb = cc._kernel_params(x, w, b)
+        assert kw is w and kb is b  # the same tensors: nothing converted or copied
+        kw, kb = cc._kernel_params(x, w, None)
+        assert kw is w and kb is None
+    x = torch.randn(2, D, 5, dtype=torch.bfloat16)
+    for wdt, bdt in ((torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                     (torch.float16, None)):
+        w = torch.randn(D, W, dtype=wdt)
+        b = None if bdt is None else torch.randn(D, dtype=bdt)
+        kw, kb = cc._kernel_params(x, w, b)
+        assert kw.dtype == torch.float32 and torch.equal(kw, w.float())
+        assert kb is None if b is None else (kb.dtype == torch.float32 and torch.equal(kb, b.float()))
+    # a view at an odd offset (2 bytes past an aligned base) and a transposed weight are copied
+    flat = torch.randn(D * W + 1, dtype=torch.bfloat16)
+    w_odd, b_odd = flat[1:].view(D, W), flat[1:D + 1]
+    kw, kb = cc._kernel_params(x, w_odd, b_odd)
+    assert w_odd.data_ptr() % 16 != 0 and kw.data_ptr() % 16 == 0 and kb.data_ptr() % 16 == 0
+    assert kw.dtype == torch.bfloat16 and torch.equal(kw, w_odd) and torch.equal(kb, b_odd)
+    w_t = torch.randn(W, D, dtype=torch.bfloat16).t()
+    kw, _ = cc._kernel_params(x, w_t, None)
+    assert kw.is_contiguous() and torch.equal(kw, w_t)
+
+
 def test_info_reports_every_op(capsys):
     from aim_kernels import info
     info.main([])
@@ -197,6 +227,7 @@ def test_extension_registers_ops_when_built():
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+PARAM_DTYPES = {dt: sorted({dt, torch.float32}, key=str) for dt in DTYPES}  # what the raw ops take for weight, bias
 
 
 @pytest.fixture
@@ -240,11 +271,13 @@ def test_cuda_fwd_matches_reference(cuda_ext, dtype, width, layout):
         out = causal_conv1d(x, w, b, "silu" if silu else None)
         assert out.stride() == torch.empty_like(x).stride()
         assert rel_err(out, want) < TOL[dtype], (B, D, L, bias, silu)
-        # the raw compiled op writes every element of a poisoned output
-        raw = torch.full_like(x, float("nan"))
-        torch.ops.aim_kernels_cuda.causal_conv1d_fwd(x, w.float(), None if b is None else b.float(), raw, silu)
-        assert not raw.isnan().any()
-        assert rel_err(raw, want) < TOL[dtype]
+        # the raw compiled op writes every element of a poisoned output, with weight and bias of x's dtype
+        # (read as they are) or float32 (the mixed-precision case)
+        for pdt in PARAM_DTYPES[dtype]:
+            raw = torch.full_like(x, float("nan"))
+            torch.ops.aim_kernels_cuda.causal_conv1d_fwd(x, w.to(pdt), None if b is None else b.to(pdt), raw, silu)
+            assert not raw.isnan().any()
+            assert rel_err(raw, want) < TOL[dtype], pdt
 
 
 @pytest.mark.gpu
@@ -267,14 +300,16 @@ def test_cuda_bwd_matches_reference(cuda_ext, dtype, width, layout):
             assert g.dtype == dtype and rel_err(g, r) < TOL[dtype], (name, B, D, L, bias, silu)
         if layout != "strided":  # autograd may re-stride the gradient of a non-dense leaf
             assert xg.grad.stride() == torch.empty_like(x).stride()
-        # raw op: poisoned dx, the float32 [dweight | dbias] accumulator
-        dx = torch.full_like(x, float("nan"))
-        dwb = torch.zeros(D, width + 1, device="cuda", dtype=torch.float32)
-        torch.ops.aim_kernels_cuda.causal_conv1d_bwd(x, w.float(), None if b is None else b.float(), dout, dx, dwb, silu)
-        assert not dx.isnan().any() and rel_err(dx, want[0]) < TOL[dtype]
-        assert rel_err(dwb[:, :width], want[1]) < (1e-5 if dtype == torch.float32 else 1e-2)
-        if b is not None:
-            assert rel_err(dwb[:, width], want[2]) < (1e-5 if dtype == torch.float32 else 1e-2)
+        # raw op: poisoned dx, the float32 [dweight | dbias] accumulator; weight and bias of x's dtype or float32
+        for pdt in PARAM_DTYPES[dtype]:
+            dx = torch.full_like(x, float("nan"))
+            dwb = torch.zeros(D, width + 1, device="cuda", dtype=torch.float32)
+            torch.ops.aim_kernels_cuda.causal_conv1d_bwd(x, w.to(pdt), None if b is None else b.to(pdt), dout, dx,
+                                                         dwb, silu)
+            assert not dx.isnan().any() and rel_err(dx, want[0]) < TOL[dtype], pdt
+            assert rel_err(dwb[:, :width], want[1]) < (1e-5 if dtype == torch.float32 else 1e-2), pdt
+            if b is not None:
+                assert rel_err(dwb[:, width], want[2]) < (1e-5 if dtype == torch.float32 else 1e-2), pdt
 
 
 @pytest.mark.gpu
@@ -292,17 +327,20 @@ def test_cuda_update_matches_reference_in_place(cuda_ext, dtype, width, state_le
         out = causal_conv1d_update(x, state, w, b, "silu" if silu else None)
         assert rel_err(out, want) < TOL[dtype]
         assert torch.equal(state, st64.to(dtype)), "state must be shifted in place, x appended, bit-exact"
-        # raw op with a poisoned output and a strided state (a slice of a larger buffer)
-        big = torch.randn(B, D, state_len + 3, device="cuda", dtype=dtype)
-        sview = big[:, :, 2:2 + state_len]
-        s64 = sview.double().clone()
-        want = causal_conv1d_update_ref(x.double(), s64, w.double(), None if b is None else b.double(), silu)
-        raw = torch.full_like(x, float("nan"))
-        before = big.clone()
-        torch.ops.aim_kernels_cuda.causal_conv1d_update(x, sview, w.float(), None if b is None else b.float(), raw, silu)
-        assert not raw.isnan().any() and rel_err(raw, want) < TOL[dtype]
-        assert torch.equal(sview, s64.to(dtype))
-        assert torch.equal(big[:, :, :2], before[:, :, :2]) and torch.equal(big[:, :, -1], before[:, :, -1])
+        # raw op with a poisoned output and a strided state (a slice of a larger buffer); weight and bias
+        # of x's dtype or float32
+        for pdt in PARAM_DTYPES[dtype]:
+            big = torch.randn(B, D, state_len + 3, device="cuda", dtype=dtype)
+            sview = big[:, :, 2:2 + state_len]
+            s64 = sview.double().clone()
+            want = causal_conv1d_update_ref(x.double(), s64, w.double(), None if b is None else b.double(), silu)
+            raw = torch.full_like(x, float("nan"))
+            before = big.clone()
+            torch.ops.aim_kernels_cuda.causal_conv1d_update(x, sview, w.to(pdt), None if b is None else b.to(pdt),
+                                                            raw, silu)
+            assert not raw.isnan().any() and rel_err(raw, want) < TOL[dtype], pdt
+            assert torch.equal(sview, s64.to(dtype)), pdt
+            assert torch.equal(big[:, :, :2], before[:, :, :2]) and torch.equal(big[:, :, -1], before[:, :, -1])
 
 
 @pytest.mark.gpu
@@ -326,10 +364,79 @@ def test_cuda_falls_back_for_unsupported_inputs(cuda_ext):
     assert any("float64" in r for r in cc.not_supported_reasons(x, w))
     assert _ext.backend_for(cc._causal_conv1d, x, w, None, True) == "reference"
     assert rel_err(causal_conv1d(x, w, None, "silu"), naive_conv(x.cpu(), w.cpu(), None, True)) < 1e-12
-    # mixed dtypes: bf16 x with float32 weights run on the kernel (weights are float32 inside)
-    xb = x.to(torch.bfloat16)
-    assert _ext.backend_for(cc._causal_conv1d, xb, w.float(), None, True) == "cuda"
-    assert rel_err(causal_conv1d(xb, w.float(), None, "silu"), _ref64(xb, w, None, True)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wdt,bdt", [(torch.float32, torch.float32), (torch.float32, None), (torch.float16, torch.float16),
+                                     (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                     (torch.bfloat16, "odd_offset")], ids=str)
+def test_cuda_mixed_param_dtypes(cuda_ext, wdt, bdt):
+    """bf16 x with parameters of other dtypes (float32: read as they are; other mixes converted by the op)
+    and a misaligned weight view: the kernels run, values and gradients (in the parameters' dtypes) match."""
+    B, D, L, W = 2, 256, 40, 4
+    x = make_x(B, D, L, "channel_last", torch.bfloat16, "cuda")
+    if bdt == "odd_offset":  # weight and bias views 2 bytes past an aligned base
+        flat = torch.randn(D * W + D + 1, device="cuda", dtype=wdt) / 2
+        w, b = flat[1:1 + D * W].view(D, W), flat[1 + D * W:]
+        assert w.data_ptr() % 16 != 0
+    else:
+        w = (torch.randn(D, W, device="cuda") / 2).to(wdt)
+        b = None if bdt is None else torch.randn(D, device="cuda").to(bdt)
+    assert _ext.backend_for(cc._causal_conv1d, x, w, b, True) == "cuda"
+    out = causal_conv1d(x, w, b, "silu")
+    assert rel_err(out, _ref64(x, w, b, True)) < 1e-2
+    dout = torch.randn_like(out)
+    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+    bg = None if b is None else b.detach().requires_grad_()
+    causal_conv1d(xg, wg, bg, "silu").backward(dout)
+    got = [xg.grad, wg.grad] + ([] if b is None else [bg.grad])
+    for name, g, r, dt in zip(("dx", "dw", "db"), got, _ref64_grads(x, w, b, dout, True),
+                              (torch.bfloat16, w.dtype, None if b is None else b.dtype)):
+        assert g.dtype == dt and rel_err(g, r) < 1e-2, name
+    state = torch.randn(B, D, W - 1, device="cuda", dtype=torch.bfloat16)
+    st64 = state.double()
+    want = causal_conv1d_update_ref(x[:, :, 0].double(), st64, w.double(), None if b is None else b.double(), True)
+    assert rel_err(causal_conv1d_update(x[:, :, 0], state, w, b, "silu"), want) < 1e-2
+    assert torch.equal(state, st64.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_cuda_raw_ops_check_param_dtype_and_alignment(cuda_ext):
+    D, W = 64, 4
+    x = torch.randn(2, D, 8, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    w = torch.randn(D, W, device="cuda", dtype=torch.bfloat16)
+    fwd = torch.ops.aim_kernels_cuda.causal_conv1d_fwd
+    with pytest.raises(RuntimeError, match="weight must be float32 or x's dtype"):
+        fwd(x, w.half(), None, out, True)
+    with pytest.raises(RuntimeError, match="bias must have weight's dtype"):
+        fwd(x, w, torch.randn(D, device="cuda"), out, True)
+    flat = torch.randn(D * W + 1, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        fwd(x, flat[1:].view(D, W), None, out, True)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_fwd_and_update_launch_one_kernel(cuda_ext):
+    """bf16 weight and bias are read by the kernels as they are: the op launches no conversion kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    B, D, L, W = 2, 512, 64, 4
+    x = make_x(B, D, L, "channel_last", torch.bfloat16, "cuda")
+    w = torch.randn(D, W, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    state = torch.randn(B, D, W - 1, device="cuda", dtype=torch.bfloat16)
+    for name, call in (("fwd_kernel", lambda: causal_conv1d(x, w, b, "silu")),
+                       ("update_kernel", lambda: causal_conv1d_update(x[:, :, 0], state, w, b, "silu"))):
+        call()  # warm up
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events()  # kernels, copies and memsets on the GPU timeline
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.activity_type != "gpu_user_annotation"]
+        if not kernels:
+            pytest.skip("the profiler recorded no CUDA activity (CUPTI unavailable)")
+        assert len(kernels) == 1 and name in kernels[0], kernels
 
 
 @pytest.mark.gpu

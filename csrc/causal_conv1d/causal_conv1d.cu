@@ -7,7 +7,8 @@
 // the model uses (x = xBC(B, L, D).transpose(1, 2), stride(1) == 1); threadIdx.y walks chunks of
 // CHUNK timesteps. Each thread keeps a sliding window of the last W inputs in registers and issues all
 // the loads of its chunk before the first use. Any other layout takes the same kernels with VEC = 1
-// and arbitrary strides (correct, slower). Accumulation is in float32; weights arrive as float32.
+// and arbitrary strides (correct, slower). Accumulation is in float32; weight and bias are read in their
+// own dtype (x's, or float32) and converted in registers, so the op needs no conversion kernels.
 #include "causal_conv1d.h"
 
 #include <cuda_bf16.h>
@@ -15,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <type_traits>
 
 namespace aimk {
 namespace {
@@ -73,19 +75,38 @@ template <> __device__ __forceinline__ float sigmoid_f<__nv_bfloat16>(float v) {
   return fmaf(0.5f, t, 0.5f);
 }
 
-// Weights (dim, W) float32 contiguous: width 4 rows are 16 bytes, loaded as float4.
-template <int W, int VEC>
-__device__ __forceinline__ void load_weights(const ConvParams& p, int64_t c0, float (&w)[VEC][W], float (&bias)[VEC]) {
+// N contiguous values of type P as floats, moved with the widest loads (up to 16 bytes) that N * sizeof(P)
+// allows: src must be aligned to that width (callers read chunk i of N values from a 16-byte aligned base).
+template <typename P, int N>
+__device__ __forceinline__ void load_floats(const P* src, float* dst) {
+  constexpr int kBytes = N * sizeof(P);
+  constexpr int kLoad = kBytes % 16 == 0 ? 16 : kBytes % 8 == 0 ? 8 : kBytes % 4 == 0 ? 4 : sizeof(P);
+  constexpr int K = kLoad / sizeof(P);
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    if constexpr (W == 4) {
-      const float4 r = reinterpret_cast<const float4*>(p.weight)[c0 + i];
-      w[i][0] = r.x; w[i][1] = r.y; w[i][2] = r.z; w[i][3] = r.w;
-    } else {
+  for (int j = 0; j < N / K; ++j) {
+    Pack<P, K> v;
+    v.load(src + j * K);
 #pragma unroll
-      for (int k = 0; k < W; ++k) w[i][k] = p.weight[(c0 + i) * W + k];
-    }
-    bias[i] = p.bias != nullptr ? p.bias[c0 + i] : 0.f;
+    for (int e = 0; e < K; ++e) dst[j * K + e] = v.get(e);
+  }
+}
+
+// Weights of channels [c0, c0 + VEC) and their biases, in x's dtype T or float32 (params_f32: a runtime
+// switch, uniform across the grid, not another instantiation). The weight is (dim, W) contiguous, so a
+// thread's VEC * W weights are contiguous: width 4 in bfloat16 is one 8-byte load for one channel, four
+// 16-byte loads for the vector path's 8 channels.
+template <typename T, int W, int VEC, typename Params>
+__device__ __forceinline__ void load_weights(const Params& p, int64_t c0, float (&w)[VEC][W], float (&bias)[VEC]) {
+  const bool f32 = std::is_same_v<T, float> || p.params_f32;
+  if (f32) load_floats<float, VEC * W>(static_cast<const float*>(p.weight) + c0 * W, &w[0][0]);
+  else load_floats<T, VEC * W>(static_cast<const T*>(p.weight) + c0 * W, &w[0][0]);
+  if (p.bias == nullptr) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) bias[i] = 0.f;
+  } else if (f32) {
+    load_floats<float, VEC>(static_cast<const float*>(p.bias) + c0, bias);
+  } else {
+    load_floats<T, VEC>(static_cast<const T*>(p.bias) + c0, bias);
   }
 }
 
@@ -110,7 +131,7 @@ __global__ void __launch_bounds__(kBlockX * kBlockY) fwd_kernel(ConvParams p) {
     if (t >= 0 && t < p.seqlen) in[j].load(x + t * p.x_st); else in[j].zero();
   }
   float w[VEC][W], bias[VEC];
-  load_weights<W, VEC>(p, c0, w, bias);
+  load_weights<T, W, VEC>(p, c0, w, bias);
   // Sliding window of the last W inputs as floats: each input is converted once.
   float win[W][VEC];
 #pragma unroll
@@ -156,11 +177,11 @@ __global__ void __launch_bounds__(kBlockX * kBlockY) bwd_kernel(ConvParams p) {
   const bool active = c0 < p.dim;
 
   float w[VEC][W], bias[VEC], dw[VEC][W], db[VEC];
+  if (active) load_weights<T, W, VEC>(p, c0, w, bias);  // only active threads read w and bias
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
 #pragma unroll
-    for (int k = 0; k < W; ++k) { w[i][k] = active ? p.weight[(c0 + i) * W + k] : 0.f; dw[i][k] = 0.f; }
-    bias[i] = (active && p.bias != nullptr) ? p.bias[c0 + i] : 0.f;
+    for (int k = 0; k < W; ++k) dw[i][k] = 0.f;
     db[i] = 0.f;
   }
 
@@ -255,14 +276,16 @@ __global__ void update_kernel(UpdateParams p) {
   T* st = static_cast<T*>(p.state) + b * p.s_sb + c * p.s_sd;
   const T xr = static_cast<const T*>(p.x)[b * p.x_sb + c * p.x_sd];
   const int64_t S = p.state_len;
-  float acc = p.bias != nullptr ? p.bias[c] : 0.f;
+  float w[1][W], bias[1];
+  load_weights<T, W, 1>(p, c, w, bias);
+  float acc = bias[0];
   if (S == W - 1) {  // the model's layout: all loads first, then the shifted state and the output
     T s[W - 1];
 #pragma unroll
     for (int k = 0; k < W - 1; ++k) s[k] = st[k * p.s_st];
 #pragma unroll
-    for (int k = 0; k < W - 1; ++k) acc = fmaf(p.weight[c * W + k], to_f(s[k]), acc);
-    acc = fmaf(p.weight[c * W + W - 1], to_f(xr), acc);
+    for (int k = 0; k < W - 1; ++k) acc = fmaf(w[0][k], to_f(s[k]), acc);
+    acc = fmaf(w[0][W - 1], to_f(xr), acc);
 #pragma unroll
     for (int k = 0; k + 1 < W - 1; ++k) st[k * p.s_st] = s[k + 1];
     st[(W - 2) * p.s_st] = xr;
@@ -270,8 +293,8 @@ __global__ void update_kernel(UpdateParams p) {
     return;
   }
 #pragma unroll
-  for (int k = 0; k < W - 1; ++k) acc = fmaf(p.weight[c * W + k], to_f(st[(S - (W - 1) + k) * p.s_st]), acc);
-  acc = fmaf(p.weight[c * W + W - 1], to_f(xr), acc);
+  for (int k = 0; k < W - 1; ++k) acc = fmaf(w[0][k], to_f(st[(S - (W - 1) + k) * p.s_st]), acc);
+  acc = fmaf(w[0][W - 1], to_f(xr), acc);
   // Shift the state left by one step (oldest out), then append x.
   for (int64_t i = 0; i + 1 < S; ++i) st[i * p.s_st] = st[(i + 1) * p.s_st];
   st[(S - 1) * p.s_st] = xr;

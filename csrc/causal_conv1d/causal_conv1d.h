@@ -11,13 +11,16 @@ namespace aimk {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Weight (dim, width) and bias (dim,) or null: contiguous, 16-byte aligned, both of x's dtype or both
+// float32 (params_f32), read in that dtype and converted to float32 in registers.
 struct ConvParams {
-  // x (batch, dim, seqlen), out and dout/dx alike; weight (dim, width) float32 contiguous; bias (dim,) float32 or null.
+  // x (batch, dim, seqlen), out and dout/dx alike.
   const void* x;
   const void* dout;    // backward only
   void* out;           // forward: out; backward: dx
-  const float* weight;
-  const float* bias;
+  const void* weight;
+  const void* bias;
+  bool params_f32;
   float* dweight_bias; // backward only: (dim, width + 1) float32 accumulator, zero-initialised; column `width` = dbias
   int64_t batch, dim, seqlen;
   int64_t x_sb, x_sd, x_st;
@@ -32,8 +35,9 @@ struct UpdateParams {
   const void* x;       // (batch, dim)
   void* state;         // (batch, dim, state_len), same dtype as x; updated in place
   void* out;           // (batch, dim)
-  const float* weight;
-  const float* bias;
+  const void* weight;  // as in ConvParams
+  const void* bias;
+  bool params_f32;
   int64_t batch, dim, state_len;
   int64_t x_sb, x_sd;
   int64_t s_sb, s_sd, s_st;
