@@ -97,14 +97,12 @@ class Mamba2Mixer(nn.Module):
                               D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         return self._out(y.flatten(-2), z)
 
-    def step(self, u: Tensor, cache: Union[StateCache, ReplayCache]) -> Tensor:
-        """One token: u (batch, d_model); updates the cache in place."""
-        zxbcdt = ak.linear(u, self.in_proj.weight)
+    def step(self, zxbcdt: Tensor, cache: Union[StateCache, ReplayCache]) -> Tensor:
+        """One token from its in_proj output (batch, in_proj features); updates the cache in place."""
         if isinstance(cache, StateCache):
-            y = ak.mamba2_decode_step(zxbcdt, cache.conv_state, cache.ssm_state, self.conv1d.weight.squeeze(1),
-                                      self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight,
-                                      NORM_EPS, self.headdim, self.ngroups)
-            return ak.linear(y, self.out_proj.weight)
+            return ak.mamba2_decode_step(zxbcdt, cache.conv_state, cache.ssm_state, self.conv1d.weight.squeeze(1),
+                                         self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight,
+                                         NORM_EPS, self.headdim, self.ngroups, self.out_proj.weight)
         z, xBC, dt = self._split(zxbcdt)
         xBC = ak.causal_conv1d_update(xBC, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
@@ -168,9 +166,10 @@ class Mamba1Mixer(nn.Module):
                               delta_softplus=True)
         return ak.linear(y.transpose(1, 2), self.out_proj.weight)
 
-    def step(self, u: Tensor, cache: StateCache) -> Tensor:
+    def step(self, xz: Tensor, cache: StateCache) -> Tensor:
+        """One token from its in_proj output (batch, 2 * d_inner); updates the cache in place."""
         conv_state, ssm_state = cache
-        x, z = ak.linear(u, self.in_proj.weight).chunk(2, dim=-1)
+        x, z = xz.chunk(2, dim=-1)
         x = ak.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
         y = ak.selective_state_update(  # Mamba1 is one head of headdim d_inner
@@ -214,9 +213,14 @@ class Block(nn.Module):
         mixer takes a recurrent step.
         """
         shift, scale, gate = modulation.unbind(1)
-        h, residual = ak.add_rmsnorm_modulate(hidden, residual, self.norm.weight, shift, scale, NORM_EPS,
-                                              x_gate=hidden_gate)
-        h = self.mixer(h) if cache is None else self.mixer.step(h, cache)
+        if cache is None:
+            h, residual = ak.add_rmsnorm_modulate(hidden, residual, self.norm.weight, shift, scale, NORM_EPS,
+                                                  x_gate=hidden_gate)
+            h = self.mixer(h)
+        else:  # decoding: the prologue and the mixer's in_proj are one op (one kernel at few rows)
+            projected, residual = ak.add_rmsnorm_modulate_linear(hidden, residual, self.norm.weight, shift, scale,
+                                                                 NORM_EPS, hidden_gate, self.mixer.in_proj.weight)
+            h = self.mixer.step(projected, cache)
         return F.dropout(h, self.mixer_drop, self.training), gate, residual
 
 

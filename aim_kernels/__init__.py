@@ -4,8 +4,9 @@ Every op is a `torch.library` custom op in the `aim_kernels` namespace whose def
 is the pure-PyTorch reference (`*_ref`); faster backends register for the CUDA dispatch key.
 """
 from .causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
-from .gemv import linear, linear_ref
+from .gemv import add_rmsnorm_modulate_linear, add_rmsnorm_modulate_linear_ref, linear, linear_ref
 from .decode import mamba2_decode_step, mamba2_decode_step_ref
+from .group_norm import group_norm, group_norm_ref
 from .norm import (adaln_modulate, adaln_modulate_ref, add_rmsnorm, add_rmsnorm_modulate,
                    add_rmsnorm_modulate_ref, add_rmsnorm_ref, rmsnorm_gated, rmsnorm_gated_ref)
 from .replay import allocate_replay_history, ssd_replay_step, ssd_replay_step_ref

@@ -19,6 +19,10 @@ The Triton backend (CUDA, or CPU tensors under TRITON_INTERPRET=1 through
    the B/C conv_state (a program could read a window another program already shifted).
 2. grid (R, G). A program sums its group's v^2 partials, writes out = v * rstd * norm_weight in the
    output dtype, and shifts the group's B/C conv_state: kernel 1 has finished, so no reader is left.
+   With `out_weight` (the out_proj weight) and few rows (batch-1 decoding), kernel 2 is instead the
+   out_proj GEMV with the norm applied to its input on the fly (`gemv.py`: each program holds a weight
+   tile, prefetched before the wait), and its first programs shift the B/C windows: one launch and
+   one round trip of y fewer.
 
 Per step this moves the state once in and once out (the official selective_state_update does the
 same), plus O(R * (d_inner + G*N)) bytes for the rest; the unfused path adds the xBC, y and z
@@ -33,6 +37,7 @@ from torch import Tensor
 
 from . import _ext, _triton
 from ._util import check_tensor
+from . import gemv
 from .causal_conv1d import MAX_WIDTH, causal_conv1d_update_ref
 from .norm import rmsnorm_gated_ref
 from .ssm import selective_state_update_ref
@@ -49,7 +54,8 @@ def _sizes(zxbcdt: Tensor, conv_weight: Tensor, norm_weight: Tensor, A_log: Tens
 
 def mamba2_decode_step_ref(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                            conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor,
-                           norm_weight: Tensor, eps: float, headdim: int, ngroups: int) -> Tensor:
+                           norm_weight: Tensor, eps: float, headdim: int, ngroups: int,
+                           out_weight: Optional[Tensor] = None) -> Tensor:
     _, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A_log, headdim, ngroups)
     z, xBC, dt = zxbcdt.split([d_inner, conv_dim, h], dim=-1)
     xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, True)
@@ -58,7 +64,8 @@ def mamba2_decode_step_ref(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor
     y = selective_state_update_ref(  # per-head scalars as size-1 dimensions: no state-sized temporaries
         ssm_state, x.unflatten(-1, (h, p)), dt[..., None], A[:, None, None], B.unflatten(-1, (ngroups, n)),
         C.unflatten(-1, (ngroups, n)), D[:, None], None, dt_bias[:, None], True)
-    return rmsnorm_gated_ref(y.flatten(-2), z, norm_weight, eps, d_inner // ngroups)
+    y = rmsnorm_gated_ref(y.flatten(-2), z, norm_weight, eps, d_inner // ngroups)
+    return y if out_weight is None else gemv.linear_ref(y, out_weight)
 
 
 # ---- torch.library op --------------------------------------------------------------------------
@@ -66,14 +73,15 @@ def mamba2_decode_step_ref(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor
 @torch.library.custom_op("aim_kernels::mamba2_decode_step", mutates_args=("conv_state", "ssm_state"))
 def _mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                         conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
-                        eps: float, headdim: int, ngroups: int) -> Tensor:
+                        eps: float, headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
     return mamba2_decode_step_ref(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
-                                  norm_weight, eps, headdim, ngroups).contiguous()
+                                  norm_weight, eps, headdim, ngroups, out_weight).contiguous()
 
 
 @_mamba2_decode_step.register_fake
-def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, eps, headdim, ngroups):
-    return zxbcdt.new_empty(zxbcdt.shape[0], norm_weight.shape[0])
+def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, eps, headdim, ngroups,
+      out_weight=None):
+    return zxbcdt.new_empty(zxbcdt.shape[0], (norm_weight if out_weight is None else out_weight).shape[0])
 
 
 # ---- Triton backend ----------------------------------------------------------------------------
@@ -85,11 +93,12 @@ NUM_WARPS = 4
 
 def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                           conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
-                          eps: float, headdim: int, ngroups: int) -> list[str]:
+                          eps: float, headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> list[str]:
     """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
     reasons = _triton.reasons(zxbcdt.device)
     reasons += _triton.dtype_reasons(zxbcdt=zxbcdt, conv_state=conv_state, conv_weight=conv_weight,
-                                     conv_bias=conv_bias, A_log=A_log, D=D, dt_bias=dt_bias, norm_weight=norm_weight)
+                                     conv_bias=conv_bias, A_log=A_log, D=D, dt_bias=dt_bias, norm_weight=norm_weight,
+                                     out_weight=out_weight)
     if ssm_state.dtype not in _STATE_DTYPES:
         reasons.append(f"ssm_state is {ssm_state.dtype}; the Triton kernel keeps it in float32 or bfloat16")
     if conv_weight.shape[1] > MAX_WIDTH:
@@ -226,12 +235,57 @@ if triton is not None:
                           stride_cc, stride_cs, BLOCK_S)
 
 
+if triton is not None:
+    @triton.jit
+    def _norm_shift_out_kernel(zxbcdt_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_w_ptr, out_ptr,
+                               stride_zr, stride_cr, stride_cc, stride_cs, S, eps, N_OUT, D_INNER, N_PARTS,
+                               ROWS: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_PARTS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        """Kernel 2 with out_proj (one group): out[r, n] = sum_k W[n, k] * v[r, k] * rstd[r] * norm_w[k]."""
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.arange(0, BLOCK_K)
+        w = tl.load(out_w_ptr + n[:, None].to(tl.int64) * D_INNER + k[None, :],
+                    mask=(n[:, None] < N_OUT) & (k[None, :] < D_INNER), other=0.0)
+        norm_w = tl.load(norm_w_ptr + k, mask=k < D_INNER, other=0.0).to(tl.float32)
+        _triton.pdl_wait(PDL)
+        i = tl.arange(0, BLOCK_PARTS)
+        for r in tl.static_range(ROWS):
+            parts = tl.load(sumsq_ptr + r * N_PARTS + i, mask=i < N_PARTS, other=0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / D_INNER + eps)
+            x = tl.load(v_ptr + r * D_INNER + k, mask=k < D_INNER, other=0.0) * (rstd * norm_w)
+            x = x.to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded as the unfused path rounds y
+            y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            tl.store(out_ptr + r * N_OUT + n, y.to(out_ptr.dtype.element_ty), mask=n < N_OUT)
+        # kernel 1 (every reader of the B/C conv windows) is done: shift them, one program per row
+        for r in range(pid, ROWS, tl.num_programs(0)):
+            _shift_conv_state(zxbcdt_ptr + r * stride_zr + D_INNER, conv_state_ptr + r * stride_cr,
+                              D_INNER + tl.arange(0, 2 * N), S, stride_cc, stride_cs, BLOCK_S)
+
+
+def fused_out_reasons(rows: int, d_inner: int, ngroups: int, out_weight: Tensor, dtype: torch.dtype,
+                      norm_weight_size: int) -> list[str]:
+    """Why kernel 2 cannot include out_proj (then kernel 2 and a separate GEMV run); empty: it can."""
+    reasons = []
+    if rows > gemv.MAX_ROWS:
+        reasons.append(f"{rows} rows > {gemv.MAX_ROWS}")
+    if ngroups != 1:
+        reasons.append(f"ngroups {ngroups} != 1")
+    if d_inner > gemv.TILE_ELEMENTS:
+        reasons.append(f"d_inner {d_inner} > {gemv.TILE_ELEMENTS}")
+    if out_weight.dtype != dtype or not out_weight.is_contiguous():
+        reasons.append("out_weight is not a contiguous tensor of zxbcdt's dtype")
+    # the input rebuilt per program: v (float32) and norm_weight, read from L2
+    return reasons + gemv.recompute_reasons(d_inner, rows * 4 + norm_weight_size, out_weight.element_size())
+
+
 def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                               conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor,
-                              norm_weight: Tensor, eps: float, headdim: int, ngroups: int) -> Tensor:
+                              norm_weight: Tensor, eps: float, headdim: int, ngroups: int,
+                              out_weight: Optional[Tensor] = None) -> Tensor:
     """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests)."""
     reasons = not_supported_reasons(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
-                                    norm_weight, eps, headdim, ngroups)
+                                    norm_weight, eps, headdim, ngroups, out_weight)
     if reasons:
         raise ValueError("the Triton mamba2_decode_step cannot run these inputs: " + "; ".join(reasons))
     rows, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A_log, headdim, ngroups)
@@ -241,26 +295,37 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
     p_blocks = p // p_per_program
     out, v, sumsq = _alloc_outputs(rows, d_inner, h * p_blocks, zxbcdt.dtype, zxbcdt.device)
     if rows == 0:
-        return out
+        return out if out_weight is None else zxbcdt.new_empty(0, out_weight.shape[0])
     conv_weight, A_log, D, dt_bias, norm_weight = (t.contiguous() for t in (conv_weight, A_log, D, dt_bias, norm_weight))
     conv_bias = conv_bias.contiguous() if conv_bias is not None else None
     block_s = triton.next_power_of_2(state_len)
+    launch = _triton.launch_options(zxbcdt.device)
     _ssm_step_kernel[(rows, h, p_blocks)](
         zxbcdt, conv_state, ssm_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
         A_log, D, dt_bias, v, sumsq,
         zxbcdt.stride(0), *conv_state.stride(), *ssm_state.stride()[:3], *conv_weight.stride(),
         state_len, h, ngroups * n, h // ngroups,
         P=p, N=n, W=width, P_PER_PROGRAM=p_per_program, BLOCK_P=block_p, BLOCK_S=block_s,
-        HAS_BIAS=conv_bias is not None, num_warps=NUM_WARPS, **_triton.launch_options(zxbcdt.device))
+        HAS_BIAS=conv_bias is not None, num_warps=NUM_WARPS, **launch)
+    if out_weight is not None and not fused_out_reasons(rows, d_inner, ngroups, out_weight, zxbcdt.dtype,
+                                                           norm_weight.element_size()):
+        n_out = out_weight.shape[0]
+        result = torch.empty(rows, n_out, dtype=zxbcdt.dtype, device=zxbcdt.device)
+        block_n, block_k = gemv.tile_shape(d_inner)
+        _norm_shift_out_kernel[(triton.cdiv(n_out, block_n),)](
+            zxbcdt, conv_state, v, sumsq, norm_weight, out_weight, result,
+            zxbcdt.stride(0), *conv_state.stride(), state_len, eps, n_out, d_inner, h * p_blocks,
+            ROWS=rows, N=n, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_PARTS=triton.next_power_of_2(h * p_blocks),
+            BLOCK_S=block_s, num_warps=gemv.NUM_WARPS, **launch)
+        return result
     group_size = d_inner // ngroups
     parts_per_group = h * p_blocks // ngroups
     _norm_shift_kernel[(rows, ngroups)](
         zxbcdt, conv_state, v, sumsq, norm_weight, out,
         zxbcdt.stride(0), *conv_state.stride(), state_len, eps, d_inner, ngroups * n, group_size, parts_per_group,
         N=n, BLOCK_D=min(triton.next_power_of_2(group_size), 1024),
-        BLOCK_PARTS=triton.next_power_of_2(parts_per_group), BLOCK_S=block_s, num_warps=4,
-        **_triton.launch_options(zxbcdt.device))
-    return out
+        BLOCK_PARTS=triton.next_power_of_2(parts_per_group), BLOCK_S=block_s, num_warps=4, **launch)
+    return out if out_weight is None else gemv.linear(out, out_weight)
 
 
 _ext.register_backend(_mamba2_decode_step, "triton", device_type="cuda", impl=mamba2_decode_step_triton,
@@ -271,13 +336,14 @@ _ext.register_backend(_mamba2_decode_step, "triton", device_type="cuda", impl=ma
 
 def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                        conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
-                       eps: float, headdim: int, ngroups: int) -> Tensor:
-    """One Mamba2 decode step from the in_proj output to the out_proj input (see the module docstring).
+                       eps: float, headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
+    """One Mamba2 decode step from the in_proj output to the out_proj input, or with `out_weight` (the
+    out_proj weight, (d_out, d_inner)) to the mixer output (see the module docstring).
 
     zxbcdt (R, 2*d_inner + 2*G*N + H); conv_state (R, conv_dim, S) and ssm_state (R, H, P, N) are
     updated in place; conv_weight (conv_dim, W), W in 2..4; conv_bias (conv_dim,) or None;
-    A_log, D, dt_bias (H,) with A = -exp(A_log); norm_weight (d_inner,). Returns y (R, d_inner) in
-    zxbcdt's dtype.
+    A_log, D, dt_bias (H,) with A = -exp(A_log); norm_weight (d_inner,). Returns y (R, d_inner), or
+    y @ out_weight.T (R, d_out), in zxbcdt's dtype.
     """
     if not isinstance(zxbcdt, Tensor) or zxbcdt.dim() != 2:
         raise ValueError(f"zxbcdt must be (rows, 2*d_inner + 2*ngroups*d_state + nheads), got "
@@ -309,8 +375,10 @@ def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, co
         raise ValueError(f"conv_state holds {conv_state.shape[2]} steps, the width-{width} conv needs "
                          f"at least {width - 1}")
     check_tensor("ssm_state", ssm_state, (rows, nheads, headdim, d_state), device=dev)
+    if out_weight is not None:
+        check_tensor("out_weight", out_weight, (None, d_inner), device=dev, dtypes=(zxbcdt.dtype,))
     return _mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
-                               norm_weight, float(eps), headdim, ngroups)
+                               norm_weight, float(eps), headdim, ngroups, out_weight)
 
 
 __all__ = ["mamba2_decode_step", "mamba2_decode_step_ref", "mamba2_decode_step_triton", "not_supported_reasons"]

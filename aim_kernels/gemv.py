@@ -11,8 +11,15 @@ in_proj -> out_proj in one graph): cuBLAS 10.8 us per layer, this kernel 5.4 us
 One program owns BLOCK_N output features: the whole (BLOCK_N, K) weight tile (64 elements per
 thread), every row of x, float32 accumulation. More than MAX_ROWS rows go to cuBLAS (the reference),
 which is the better kernel once the weights are reused across rows.
+
+`add_rmsnorm_modulate_linear` is a decode block's prologue and its in_proj in one launch: every
+program recomputes the (cheap, L2-resident) gated residual add + RMSNorm + adaLN modulate of the few
+rows it multiplies, so the normalised rows never go through memory and one kernel boundary per layer
+disappears. Decode-only (no autograd).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +27,17 @@ from torch import Tensor
 
 from . import _ext, _triton
 from ._util import check_tensor
+from .norm import _add_rmsnorm_modulate, add_rmsnorm_modulate_ref
 from ._triton import tl, triton
 
 MAX_ROWS = 8
 TILE_ELEMENTS = 8192  # weight elements per program: 64 per thread at 4 warps
 NUM_WARPS = 4
+# A fused kernel rebuilds its input rows in every program: that L2 traffic, relative to the weight
+# bytes, is (input bytes per feature, all rows) / (BLOCK_N * weight element size). Measured on an H200
+# (batch 1, 2 rows): AiM-B's prologue+in_proj (1.6) and norm+out_proj (1.25) are faster fused, AiM-XL's
+# (3.25 and 2.5) slower (384 vs 293 ms per generation).
+MAX_RECOMPUTE_RATIO = 2.0
 
 
 def linear_ref(x: Tensor, weight: Tensor) -> Tensor:
@@ -57,8 +70,19 @@ _linear.register_autograd(_backward, setup_context=_setup)
 
 # ---- Triton backend ----------------------------------------------------------------------------
 
-def _k_tile(k: int) -> int:
-    return triton.next_power_of_2(k)
+def tile_shape(k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the GEMV kernels for in_features k: the whole row, TILE_ELEMENTS per program."""
+    block_k = 1 << max(0, k - 1).bit_length()
+    return max(1, TILE_ELEMENTS // block_k), block_k
+
+
+def recompute_reasons(k: int, input_bytes_per_feature: int, weight_element_size: int) -> list[str]:
+    """Why fusing the input's computation into the GEMV would be slower (see MAX_RECOMPUTE_RATIO)."""
+    ratio = input_bytes_per_feature / (tile_shape(k)[0] * weight_element_size)
+    if ratio > MAX_RECOMPUTE_RATIO:
+        return [f"recomputing the input in every program costs {ratio:.2f}x the weight bytes "
+                f"(> {MAX_RECOMPUTE_RATIO}): the unfused kernels are faster"]
+    return []
 
 
 def not_supported_reasons(x: Tensor, weight: Tensor) -> list[str]:
@@ -106,8 +130,7 @@ def linear_triton(x: Tensor, weight: Tensor) -> Tensor:
     out = _alloc_output(rows, n, x.dtype, x.device)
     if rows == 0 or n == 0:
         return out
-    block_k = _k_tile(k)
-    block_n = max(1, TILE_ELEMENTS // block_k)
+    block_n, block_k = tile_shape(k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, out, n, k, x.stride(0), weight.stride(0), ROWS=rows,
                                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
                                             **_triton.launch_options(x.device))
@@ -116,6 +139,114 @@ def linear_triton(x: Tensor, weight: Tensor) -> Tensor:
 
 _ext.register_backend(_linear, "triton", device_type="cuda", impl=linear_triton,
                       not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
+
+
+# ---- the block prologue and in_proj in one kernel (decoding) -----------------------------------
+
+def add_rmsnorm_modulate_linear_ref(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
+                                    scale: Tensor, eps: float, x_gate: Optional[Tensor],
+                                    weight: Tensor) -> tuple[Tensor, Tensor]:
+    h, residual_out = add_rmsnorm_modulate_ref(x, residual, norm_weight, shift, scale, eps, x_gate)
+    return linear_ref(h, weight), residual_out
+
+
+@torch.library.custom_op("aim_kernels::add_rmsnorm_modulate_linear", mutates_args=())
+def _add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
+                                 scale: Tensor, eps: float, x_gate: Optional[Tensor],
+                                 weight: Tensor) -> tuple[Tensor, Tensor]:
+    y, residual_out = add_rmsnorm_modulate_linear_ref(x, residual, norm_weight, shift, scale, eps, x_gate, weight)
+    return y.contiguous(), residual_out.clone(memory_format=torch.contiguous_format)  # may alias x
+
+
+@_add_rmsnorm_modulate_linear.register_fake
+def _(x, residual, norm_weight, shift, scale, eps, x_gate, weight):
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape, dtype=wide)
+
+
+def add_rmsnorm_modulate_linear_not_supported_reasons(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor,
+                                                      shift: Tensor, scale: Tensor, eps: float,
+                                                      x_gate: Optional[Tensor], weight: Tensor) -> list[str]:
+    """Why the fused Triton kernel cannot run these inputs; empty list: it can."""
+    reasons = not_supported_reasons(x, weight)
+    reasons += _triton.dtype_reasons(residual=residual, norm_weight=norm_weight, shift=shift, scale=scale,
+                                     x_gate=x_gate)
+    inputs = (("residual", residual), ("shift", shift), ("scale", scale), ("x_gate", x_gate))
+    for name, t in inputs:
+        if t is not None and t.stride(-1) != 1:
+            reasons.append(f"{name}'s last dimension is not contiguous")
+    row_bytes = x.element_size() + sum(t.element_size() for _, t in inputs if t is not None)
+    reasons += recompute_reasons(x.shape[-1], x.shape[0] * row_bytes + norm_weight.element_size(),
+                                 weight.element_size())
+    return reasons
+
+
+def _add_rmsnorm_modulate_then_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
+                                      scale: Tensor, eps: float, x_gate: Optional[Tensor],
+                                      weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The unfused path on CUDA: the two ops, each on its own fastest backend."""
+    h, residual_out = _add_rmsnorm_modulate(x, residual, norm_weight, shift, scale, eps, x_gate)
+    return _linear(h, weight), residual_out
+
+
+if triton is not None:
+    @triton.jit
+    def _prologue_gemv_kernel(x_ptr, res_ptr, gate_ptr, norm_w_ptr, shift_ptr, scale_ptr, w_ptr, out_ptr, res_out_ptr,
+                              N, K, eps, stride_x, stride_res, stride_gate, stride_shift, stride_scale, stride_wn,
+                              ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.arange(0, BLOCK_K)
+        kmask = k < K
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
+                    mask=(n[:, None] < N) & kmask[None, :], other=0.0)
+        norm_w = tl.load(norm_w_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        _triton.pdl_wait(PDL)
+        for r in tl.static_range(ROWS):
+            res = tl.load(x_ptr + r * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_GATE:
+                res *= tl.load(gate_ptr + r * stride_gate + k, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                res += tl.load(res_ptr + r * stride_res + k, mask=kmask, other=0.0).to(tl.float32)
+            if pid == 0:
+                tl.store(res_out_ptr + r * K + k, res, mask=kmask)
+            rstd = 1.0 / tl.sqrt(tl.sum(res * res, axis=0) / K + eps)
+            scale = tl.load(scale_ptr + r * stride_scale + k, mask=kmask, other=0.0).to(tl.float32)
+            shift = tl.load(shift_ptr + r * stride_shift + k, mask=kmask, other=0.0).to(tl.float32)
+            h = (res * rstd * norm_w * (1.0 + scale) + shift).to(x_ptr.dtype.element_ty)  # as the unfused op rounds
+            y = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+            tl.store(out_ptr + r * N + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
+
+
+def add_rmsnorm_modulate_linear_triton(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
+                                       scale: Tensor, eps: float, x_gate: Optional[Tensor],
+                                       weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests)."""
+    reasons = add_rmsnorm_modulate_linear_not_supported_reasons(x, residual, norm_weight, shift, scale, eps, x_gate,
+                                                                weight)
+    if reasons:
+        raise ValueError("the Triton add_rmsnorm_modulate_linear cannot run these inputs: " + "; ".join(reasons))
+    rows, k = x.shape
+    n = weight.shape[0]
+    out = _alloc_output(rows, n, x.dtype, x.device)
+    residual_out = _alloc_output(rows, k, torch.float32, x.device)
+    if rows == 0 or n == 0:
+        return out, residual_out
+    block_n, block_k = tile_shape(k)
+    _prologue_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, residual if residual is not None else x, x_gate if x_gate is not None else x, norm_weight, shift, scale,
+        weight, out, residual_out, n, k, eps, x.stride(0), residual.stride(0) if residual is not None else 0,
+        x_gate.stride(0) if x_gate is not None else 0, shift.stride(0), scale.stride(0), weight.stride(0),
+        ROWS=rows, HAS_RESIDUAL=residual is not None, HAS_GATE=x_gate is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=NUM_WARPS, **_triton.launch_options(x.device))
+    return out, residual_out
+
+
+_ext.register_backend(_add_rmsnorm_modulate_linear, "triton", device_type="cuda",
+                      impl=add_rmsnorm_modulate_linear_triton,
+                      not_supported_reasons=add_rmsnorm_modulate_linear_not_supported_reasons,
+                      unavailable_reasons=_triton.unavailable_reasons, fallback=_add_rmsnorm_modulate_then_linear)
 
 
 # ---- public API --------------------------------------------------------------------------------
@@ -129,4 +260,23 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return _linear(x, weight)
 
 
-__all__ = ["linear", "linear_ref", "linear_triton", "not_supported_reasons"]
+def add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
+                                scale: Tensor, eps: float, x_gate: Optional[Tensor], weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A decode block's prologue and in_proj: (h @ weight.T, r) for (h, r) = add_rmsnorm_modulate(x, ...).
+
+    x, residual, shift, scale, x_gate (rows, dim); weight (out_features, dim). Decode-only: no autograd.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError("x must be a (rows, dim) tensor")
+    dev = x.device
+    check_tensor("x", x, tuple(x.shape), device=dev)
+    for name, t in (("residual", residual), ("shift", shift), ("scale", scale), ("x_gate", x_gate)):
+        if t is not None or name in ("shift", "scale"):
+            check_tensor(name, t, tuple(x.shape), device=dev)
+    check_tensor("norm_weight", norm_weight, (x.shape[1],), device=dev)
+    check_tensor("weight", weight, (None, x.shape[1]), device=dev, dtypes=(x.dtype,))
+    return _add_rmsnorm_modulate_linear(x, residual, norm_weight, shift, scale, float(eps), x_gate, weight)
+
+
+__all__ = ["add_rmsnorm_modulate_linear", "add_rmsnorm_modulate_linear_ref", "linear", "linear_ref", "linear_triton",
+           "not_supported_reasons"]

@@ -37,8 +37,16 @@ def make_inputs(rows, nheads, headdim, d_state, ngroups, width, state_len, dtype
 
 
 def args_of(inp):
-    return [inp[k] for k in ("zxbcdt", "conv_state", "ssm_state", "conv_weight", "conv_bias", "A_log", "D",
-                             "dt_bias", "norm_weight", "eps", "headdim", "ngroups")]
+    """The op's arguments; with an "out_weight" entry, the step includes out_proj."""
+    names = ("zxbcdt", "conv_state", "ssm_state", "conv_weight", "conv_bias", "A_log", "D", "dt_bias",
+             "norm_weight", "eps", "headdim", "ngroups") + (("out_weight",) if "out_weight" in inp else ())
+    return [inp[k] for k in names]
+
+
+def with_out_proj(inp, d_out):
+    d_inner = inp["norm_weight"].shape[0]
+    w = torch.randn(d_out, d_inner, device=inp["zxbcdt"].device) / d_inner ** 0.5
+    return dict(inp, out_weight=w.to(inp["zxbcdt"].dtype))
 
 
 def cloned(inp, dtype=None, state_dtype=None, device=None):
@@ -90,9 +98,16 @@ def test_reference_equals_unfused_ops(ngroups):
     assert rel_err(inp["ssm_state"], r["ssm_state"]) < 1e-14
 
 
+def test_reference_with_out_proj():
+    inp = with_out_proj(cloned(make_inputs(3, 2, 8, 8, 1, 4, 3), torch.float64, torch.float64), 7)
+    y = decode.mamba2_decode_step_ref(*args_of(cloned({k: v for k, v in inp.items() if k != "out_weight"})))
+    assert torch.allclose(decode.mamba2_decode_step_ref(*args_of(inp)), y @ inp["out_weight"].t())
+
+
 def test_opcheck():
     inp = make_inputs(2, 2, 8, 8, 1, 4, 3)
     torch.library.opcheck(decode._mamba2_decode_step, args_of(inp))
+    torch.library.opcheck(decode._mamba2_decode_step, args_of(with_out_proj(inp, 5)))
     inp = make_inputs(2, 4, 8, 8, 2, 3, 3, bias=False)
     torch.library.opcheck(decode._mamba2_decode_step, args_of(inp))
 
@@ -141,6 +156,10 @@ def test_wrapper_rejects_bad_inputs():
         ak.mamba2_decode_step(*args_of(dict(inp, conv_weight=torch.randn(inp["conv_weight"].shape[0], 5))))
     with pytest.raises(TypeError, match="ssm_state"):
         ak.mamba2_decode_step(*args_of(dict(inp, ssm_state=inp["ssm_state"].int())))
+    with pytest.raises(ValueError, match="out_weight"):
+        ak.mamba2_decode_step(*args_of(dict(inp, out_weight=torch.randn(4, 15))))
+    with pytest.raises(TypeError, match="out_weight"):
+        ak.mamba2_decode_step(*args_of(dict(inp, out_weight=torch.randn(4, 16, dtype=torch.float64))))
 
 
 def test_not_supported_reasons():
@@ -215,6 +234,21 @@ def test_triton_interpreter_whole_heads(monkeypatch):
     check_triton(make_inputs(3, 2, 16, 32, 1, 4, 3, row_stride_pad=1), 1e-5, "cpu")
 
 
+# (rows, ngroups, dtype): the fused out_proj kernel (<= 8 rows, one group), and the fallbacks
+OUT_PROJ_CASES = [(2, 1, torch.float32), (3, 1, torch.float16), (8, 1, torch.float32), (9, 1, torch.float32),
+                  (2, 2, torch.float32)]
+
+
+@pytest.mark.parametrize("case", OUT_PROJ_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_interpreter_out_proj(case, monkeypatch):
+    if not _triton.interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    rows, g, dtype = case
+    poisoned_outputs(monkeypatch)
+    inp = with_out_proj(make_inputs(rows, 4, 16, 32, g, 4, 3, dtype=dtype, row_stride_pad=2), 37)
+    check_triton(inp, TOL[dtype], "cpu")
+
+
 def test_triton_interpreter_nan_fails(monkeypatch):
     """The comparison catches a NaN in the result (so the poisoned-buffer tests can fail)."""
     if not _triton.interpreting():
@@ -237,6 +271,16 @@ def test_triton_gpu(case, monkeypatch):
     rows, h, dtype, state_dtype = case
     poisoned_outputs(monkeypatch)
     inp = make_inputs(rows, h, 64, 128, 1, 4, 3, dtype=dtype, state_dtype=state_dtype, device="cuda")
+    check_triton(inp, TOL[dtype], "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [2, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gpu_out_proj(rows, dtype, monkeypatch):
+    """AiM-B's mixer (24 heads) from in_proj output to out_proj output; 16 rows take the unfused path."""
+    poisoned_outputs(monkeypatch)
+    inp = with_out_proj(make_inputs(rows, 24, 64, 128, 1, 4, 3, dtype=dtype, device="cuda"), 768)
     check_triton(inp, TOL[dtype], "cuda")
 
 

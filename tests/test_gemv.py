@@ -118,3 +118,63 @@ def test_pdl_chain_in_a_cuda_graph(dtype, monkeypatch):
     assert not _triton.pdl(x.device)
     assert torch.equal(_chain(x, weights), eager)
     assert rel_err(eager, ref) < TOL[dtype]
+
+
+# ---- the block prologue fused with in_proj ------------------------------------------------------
+
+def prologue_operands(rows, k, n, dtype, device, residual=True, gate=True):
+    t = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    return dict(x=t(rows, k).to(dtype), residual=t(rows, k) if residual else None,
+                norm_weight=(1 + 0.1 * t(k)).to(dtype), shift=(0.1 * t(rows, k)).to(dtype),
+                scale=(0.1 * t(rows, k)).to(dtype), eps=1e-5, x_gate=t(rows, k).to(dtype) if gate else None,
+                weight=(t(n, k) / k ** 0.5).to(dtype))
+
+
+def check_prologue(args, y, residual_out, tol):
+    ref_y, ref_r = ak.add_rmsnorm_modulate_linear_ref(
+        *[v.double() if isinstance(v, torch.Tensor) else v for v in args.values()])
+    assert y.dtype == args["x"].dtype and residual_out.dtype == torch.float32
+    assert rel_err(y, ref_y) < tol and rel_err(residual_out, ref_r) < 1e-6
+
+
+def test_prologue_reference_is_the_composition():
+    args = prologue_operands(3, 16, 5, torch.float64, "cpu")
+    y, r = ak.add_rmsnorm_modulate_linear(*args.values())
+    h, r_ref = ak.add_rmsnorm_modulate(args["x"], args["residual"], args["norm_weight"], args["shift"],
+                                       args["scale"], 1e-5, x_gate=args["x_gate"])
+    assert torch.allclose(y, h @ args["weight"].t()) and torch.equal(r, r_ref)
+    torch.library.opcheck(torch.ops.aim_kernels.add_rmsnorm_modulate_linear.default, tuple(args.values()))
+    first_layer = prologue_operands(2, 16, 5, torch.float64, "cpu", residual=False, gate=False)
+    torch.library.opcheck(torch.ops.aim_kernels.add_rmsnorm_modulate_linear.default, tuple(first_layer.values()))
+
+
+def test_prologue_rejects_bad_input():
+    args = prologue_operands(2, 16, 5, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="shift"):
+        ak.add_rmsnorm_modulate_linear(*dict(args, shift=args["shift"][:1]).values())
+    with pytest.raises(TypeError, match="weight"):
+        ak.add_rmsnorm_modulate_linear(*dict(args, weight=args["weight"].double()).values())
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (the GPU test covers CUDA)")
+@pytest.mark.parametrize("rows,k,n", [(1, 7, 5), (2, 96, 33), (3, 130, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("residual", [True, False])
+def test_prologue_triton_interpreter(rows, k, n, dtype, residual, monkeypatch):
+    poisoned_output(monkeypatch)
+    args = prologue_operands(rows, k, n, dtype, "cpu", residual=residual, gate=residual)
+    check_prologue(args, *gemv.add_rmsnorm_modulate_linear_triton(*args.values()), TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,k,n,fused", [(1, 768, 3352, True), (2, 768, 3352, True), (2, 1024, 4384, True),
+                                            (8, 768, 3352, False), (9, 768, 3352, False), (2, 1536, 6448, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prologue_cuda(rows, k, n, fused, dtype, monkeypatch):
+    """AiM-B/L batch 1 take the fused kernel; more rows or AiM-XL's width the two unfused kernels."""
+    poisoned_output(monkeypatch)
+    args = prologue_operands(rows, k, n, dtype, "cuda")
+    expect = "triton" if fused else "reference"
+    assert _ext.backend_for(gemv._add_rmsnorm_modulate_linear, *args.values()) == expect
+    check_prologue(args, *ak.add_rmsnorm_modulate_linear(*args.values()), TOL[dtype])
