@@ -2,8 +2,9 @@
 
 Reproduces the architecture and state-dict names of hp-l33/AiM models/stage1/vq_model.py (itself
 LlamaGen's VQModel), so official checkpoints load strictly. Differences from the official code:
-`ch` is honoured (the official code always used 128), and only inference is provided (no losses,
-no codebook-usage tracking).
+`ch` is honoured (the official code always used 128), only inference is provided (no losses,
+no codebook-usage tracking), and each GroupNorm with the SiLU after it is one op (aim_kernels.group_norm:
+float32 statistics, a Triton kernel on the GPU).
 """
 
 import math
@@ -17,6 +18,7 @@ from torch import nn
 
 from aim._state_dict import load_state_dict_strict
 from aim.config import is_positive_int
+from aim_kernels import group_norm
 
 
 @dataclass
@@ -69,8 +71,17 @@ class VQConfig:
                    num_res_blocks=num_res_blocks, in_channels=in_channels, out_channels=out_channels)
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+class Normalize(nn.GroupNorm):
+    """GroupNorm(32 groups, eps 1e-6), optionally followed by SiLU in the same op (aim_kernels.group_norm).
+
+    An nn.GroupNorm, so parameter names and checkpoints are unchanged.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
 
 
 class ResnetBlock(nn.Module):
@@ -83,8 +94,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -167,7 +178,7 @@ class Encoder(nn.Module):
                 h = level.downsample(h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class Decoder(nn.Module):
@@ -204,7 +215,7 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class VectorQuantizer(nn.Module):

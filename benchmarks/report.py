@@ -63,6 +63,10 @@ def _fmt_us(us):
     return f"{us:.1f}" if us < 1000 else f"{us / 1000:.2f} ms"
 
 
+def _fmt_time(us):
+    return _fmt_us(us) if us >= 1000 else f"{us:.1f} us"
+
+
 def conv_section(gpu: str, rows: list[dict]) -> list[str]:
     variants = [r for r in rows if r.get("variant")]
     rows = [r for r in rows if not r.get("variant")]
@@ -167,6 +171,54 @@ def plot(gpu: str, rows: list[dict], path: Path) -> bool:
     return True
 
 
+def group_norm_section(gpu: str, rows: list[dict]) -> list[str]:
+    """GroupNorm + SiLU at the VQ decoder's shapes: per shape, per decode, and the whole decode."""
+    meta = rows[0]
+    copy = next((r for r in rows if r["case"] == "copy"), None)
+    norms = [r for r in rows if r["case"] == "norm"]
+    batch = norms[0]["shape"]["batch"] if norms else "?"
+    lines = [f"### {gpu}", "",
+             f"Run `{meta['run_id']}` ({meta['timestamp']}, git {meta.get('git') or '?'}): torch {meta.get('torch')}, "
+             f"Triton {meta.get('triton')}" + (f", copy ceiling measured {copy['copy_tbps_measured']:.2f} TB/s" if copy
+                                               else "") + ". "
+             f"32 groups, eps 1e-6, affine, bf16 channels_last, batch {batch} (256 x 256 images); PyTorch = "
+             "F.group_norm then F.silu. Device time per call (CUDA-graph replay, median); bandwidth counts x read once "
+             "and y written once (the two-pass kernel reads x twice: its ceiling is 2/3 of copy).", "",
+             "| C x H x W | SiLU | per decode | aim-kernels us | GB/s | % copy (measured) | eager us | PyTorch us | "
+             "speed-up | PyTorch eager us |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    keyed = defaultdict(dict)
+    for r in norms:
+        s = r["shape"]
+        keyed[(s["channels"], s["height"], s["width"], s["silu"], s["per_decode"])][r["backend"]] = r
+    for (c, h, w, silu, count), bk in keyed.items():
+        a = bk.get("aim_kernels")
+        t = next((r for name, r in bk.items() if name.startswith("pytorch")), None)
+        if a is None:
+            continue
+        lines.append(f"| {c} x {h} x {w} | {'yes' if silu else 'no'} | {count} | {_fmt_us(a['median_us'])} | "
+                     f"{a['gbps']:.0f} | {100 * a['frac_copy_measured']:.0f}% | {_fmt_us(a['eager_us'])} | "
+                     + (f"{_fmt_us(t['median_us'])} | **{t['median_us'] / a['median_us']:.2f}x** | "
+                        f"{_fmt_us(t['eager_us'])} |" if t else "- | - | - |"))
+    lines.append("")
+    for case, title in (("decoder", "All GroupNorms of one decode (sum of count x time)"),
+                        ("vq_decode", "Whole VQ decode (`decode_code`, eager wall time per call, cuDNN autotuned)")):
+        sel = {r["backend"]: r for r in rows if r["case"] == case}
+        a = sel.get("aim_kernels")
+        t = next((r for name, r in sel.items() if name.startswith("pytorch")), None)
+        if a is None:
+            continue
+        line = f"{title}: aim-kernels {_fmt_time(a['median_us'])}"
+        if case == "decoder":
+            line += f" device ({_fmt_time(a['eager_us'])} eager)"
+        if t:
+            line += f", PyTorch GroupNorm {_fmt_time(t['median_us'])}"
+            line += f" device ({_fmt_time(t['eager_us'])} eager)" if case == "decoder" else ""
+            line += f": **{t['median_us'] / a['median_us']:.2f}x**"
+        lines += [line + ".", ""]
+    return lines
+
+
 def generate_section(gpu: str, rows: list[dict]) -> list[str]:
     """End to end: 256 tokens with CFG, against the official stack and the recurrent byte floor."""
     meta = rows[0]
@@ -224,6 +276,12 @@ def render(rows: list[dict], plot_dir: Path) -> str:
             except ValueError:
                 rel = png.name
             lines += [f"![causal conv1d bandwidth]({rel})", ""]
+    gnorm = {gpu: r for (k, gpu), r in runs.items() if k == "group_norm"}
+    lines += ["## GroupNorm + SiLU (VQ decoder)", ""]
+    if not gnorm:
+        lines += ["No measurements yet.", ""]
+    for gpu, rr in sorted(gnorm.items()):
+        lines += group_norm_section(gpu, rr)
     lines += ["## Reference: the official AiM stack end to end", "", OFFICIAL_E2E]
     return "\n".join(lines)
 
