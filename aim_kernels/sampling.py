@@ -36,7 +36,9 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) 
     """Temperature, then top-k (ties with the k-th value kept, as the official code), then top-p.
 
     top-p sorts ascending and drops the tokens whose cumulative probability is <= 1 - top_p, always
-    keeping the most likely one (the official rule). Dropped tokens get -inf.
+    keeping the last one, a most likely token (the official rule). The sort is stable: tokens of equal
+    logit (common with bfloat16 logits) go in vocabulary order, which the official unstable sort leaves
+    open. Dropped tokens get -inf.
     """
     logits = logits / temperature
     vocab = logits.shape[-1]
@@ -44,7 +46,7 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) 
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -torch.inf)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)
+        sorted_logits, order = torch.sort(logits, dim=-1, stable=True)
         drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
         drop_sorted[..., -1] = False
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
@@ -112,7 +114,10 @@ def sample_next_token(logits: Tensor, cfg_scale: Optional[float] = None, tempera
                               uniform)
 
 
-# ---- Triton backend: guidance + temperature + softmax + draw, one program per sample ------------
+# ---- Triton backend: guidance, temperature, top-k, top-p and the draw; one program per sample -------
+#
+# No sort: each filter is a threshold on the logits, found by building the threshold's float32 bits
+# from the top, one bit per pass over the row held in registers (32 passes per filter).
 
 MAX_TRITON_VOCAB = 32768
 
@@ -120,9 +125,28 @@ if _triton.triton is not None:
     tl = _triton.tl
 
     @_triton.triton.jit
-    def _sample_kernel(LOGITS, U, OUT, vocab, uncond_offset, stride_row, cfg_scale, inv_temperature,
-                       GUIDED: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+    def _order_key(x):
+        """float32 -> uint32 in the same order (-0 first made +0, so that it ties with +0 as in the reference)."""
+        bits = tl.where(x == 0, 0.0, x).to(tl.uint32, bitcast=True)
+        return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+    @_triton.triton.jit
+    def _largest_key_below(key, weight, limit):
+        """The largest uint32 T with sum(weight where key < T) <= limit, for weights >= 0."""
+        thresh = tl.full([], 0, tl.uint32)
+        bit = tl.full([], 0x80000000, tl.uint32)
+        for _ in range(32):
+            candidate = thresh | bit
+            below = tl.sum(tl.where(key < candidate, weight, 0.0), axis=0)
+            thresh = tl.where(below <= limit, candidate, thresh)
+            bit = bit >> 1
+        return thresh
+
+    @_triton.triton.jit
+    def _filtered_weights(LOGITS, row, vocab, uncond_offset, stride_row, cfg_scale, inv_temperature, top_k,
+                          drop_mass, GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """(cols, exp(logit - max)) of one row, 0 where the filters drop the token or past the vocabulary."""
         cols = tl.arange(0, BLOCK)
         mask = cols < vocab
         logit = tl.load(LOGITS + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -130,7 +154,33 @@ if _triton.triton is not None:
             uncond = tl.load(LOGITS + (row + uncond_offset) * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
             logit = uncond + (logit - uncond) * cfg_scale
         logit = tl.where(mask, logit * inv_temperature, -float("inf"))
-        prob = tl.exp(logit - tl.max(logit, axis=0))
+        top = tl.max(logit, axis=0)
+        weight = tl.exp(logit - top)
+        if TOP_K or TOP_P:
+            key = _order_key(logit)
+            if TOP_K:
+                # the k-th largest logit is the largest T with at most vocab - k tokens below it; ties stay
+                weight = tl.where(key >= _largest_key_below(key, mask.to(tl.float32), vocab - top_k), weight, 0.0)
+            if TOP_P:
+                # The reference drops a token when the mass up to it in ascending order is <= 1 - top_p.
+                # Keys above the largest T whose mass below is <= that stay; tokens tied at T go in
+                # vocabulary order (the stable sort's), each kept once the mass up to it passes.
+                limit = drop_mass * tl.sum(weight, axis=0)
+                thresh = _largest_key_below(key, weight, limit)
+                below = tl.sum(tl.where(key < thresh, weight, 0.0), axis=0)
+                tied = key == thresh
+                keep = (key > thresh) | (tied & (below + tl.cumsum(tl.where(tied, weight, 0.0), axis=0) > limit))
+                last_top = tl.max(tl.where(key == _order_key(top), cols, -1), axis=0)  # last when sorted: kept
+                weight = tl.where(keep | (cols == last_top), weight, 0.0)
+        return cols, weight
+
+    @_triton.triton.jit
+    def _sample_kernel(LOGITS, U, OUT, vocab, uncond_offset, stride_row, cfg_scale, inv_temperature, top_k,
+                       drop_mass, GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols, prob = _filtered_weights(LOGITS, row, vocab, uncond_offset, stride_row, cfg_scale, inv_temperature,
+                                       top_k, drop_mass, GUIDED, TOP_K, TOP_P, BLOCK)
         cdf = tl.cumsum(prob, axis=0)
         target = tl.load(U + row).to(tl.float32) * tl.sum(prob, axis=0)
         token = tl.sum((cdf <= target).to(tl.int32), axis=0)  # first index whose cdf exceeds the draw
@@ -142,10 +192,6 @@ def sample_not_supported_reasons(logits: Tensor, cfg_scale: float, temperature: 
                                  uniform: Tensor) -> list[str]:
     """Why the Triton sampler cannot run these inputs; empty list: it can."""
     reasons = _triton.reasons(logits.device) + _triton.dtype_reasons(logits=logits)
-    if 0 < top_k < logits.shape[-1]:
-        reasons.append("top-k filtering runs in the reference (sort)")
-    if top_p < 1.0:
-        reasons.append("top-p filtering runs in the reference (sort)")
     if logits.shape[-1] > MAX_TRITON_VOCAB:
         reasons.append(f"vocabulary {logits.shape[-1]} > {MAX_TRITON_VOCAB}")
     if logits.stride(-1) != 1:
@@ -153,13 +199,21 @@ def sample_not_supported_reasons(logits: Tensor, cfg_scale: float, temperature: 
     return reasons
 
 
+def sample_kernel_args(logits: Tensor, cfg_scale: float, temperature: float, top_k: int, top_p: float, rows: int):
+    """The arguments of `_filtered_weights` after the logits and row (shared with the tests' kernels)."""
+    vocab = logits.shape[-1]
+    block = _triton.triton.next_power_of_2(vocab)
+    return (vocab, rows, logits.stride(0), cfg_scale, 1.0 / temperature, top_k, 1.0 - top_p), dict(
+        GUIDED=logits.shape[0] == 2 * rows, TOP_K=0 < top_k < vocab, TOP_P=top_p < 1.0, BLOCK=block,
+        num_warps=16 if block >= 8192 else 4)
+
+
 def sample_next_token_triton(logits: Tensor, cfg_scale: float, temperature: float, top_k: int, top_p: float,
                              uniform: Tensor) -> Tensor:
-    rows, vocab = uniform.shape[0], logits.shape[-1]
+    rows = uniform.shape[0]
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    block = _triton.triton.next_power_of_2(vocab)
-    _sample_kernel[(rows,)](logits, uniform, out, vocab, rows, logits.stride(0), cfg_scale, 1.0 / temperature,
-                            GUIDED=logits.shape[0] == 2 * rows, BLOCK=block, num_warps=16 if block >= 8192 else 4)
+    args, meta = sample_kernel_args(logits, cfg_scale, temperature, top_k, top_p, rows)
+    _sample_kernel[(rows,)](logits, uniform, out, *args, **meta)
     return out
 
 
