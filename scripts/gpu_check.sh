@@ -71,11 +71,13 @@ export AIM_KERNELS_REQUIRE_CUDA_EXT=1
 step gpu_tests "$RES/tests.log" 300 $PY -m pytest -m gpu ${GPU_TESTS:-tests} -q -rfE -p no:cacheprovider
 
 # ---- 4. compute-sanitizer ------------------------------------------------------------------------------
-KERNEL_TESTS="tests/test_causal_conv1d.py tests/test_decode.py::test_triton_gpu_steps tests/test_norm_triton.py tests/test_sampling_triton.py"
+KERNEL_TESTS="tests/test_causal_conv1d.py tests/test_decode.py::test_triton_gpu_steps tests/test_decode.py::test_triton_gpu_out_proj
+  tests/test_norm_triton.py tests/test_sampling_triton.py tests/test_gemv.py::test_prologue_cuda
+  tests/test_gemv.py::test_pdl_chain_in_a_cuda_graph tests/test_group_norm.py::test_cuda_large_mean"
 SMEM_TESTS_K="bwd"   # kernels with shared memory: the causal conv backward's block reduction
 if [ -z "${SKIP_SANITIZER:-}" ]; then
   CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck "$RES/sanitizer.log" 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck "$RES/sanitizer.log" 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$CS" --tool memcheck --error-exitcode 99 --print-limit 20 \
     $PY -m pytest -m gpu $KERNEL_TESTS -q -x -p no:cacheprovider -k "not opcheck and not aim_shapes and not falls_back"
   step racecheck "$RES/sanitizer.log" 150 "$CS" --tool racecheck --racecheck-report all --error-exitcode 99 --print-limit 20 \
