@@ -2,6 +2,7 @@
 per-step byte floor, with random weights, as the official figures were taken."""
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Optional
@@ -56,6 +57,8 @@ def _timed(fn, repeats: int) -> tuple[float, list[float]]:
 def bench_generate(preset: str, batch: int, dtype: str, cfg_scale: float = 2.0, repeats: int = 3,
                    state_dtype: Optional[torch.dtype] = None, with_vq: bool = False) -> dict:
     """Median wall time of generate_tokens (CUDA graphs, after the capturing first call)."""
+    gc.collect()  # earlier configurations' models (a model and its cached graphs reference each other)
+    torch.cuda.empty_cache()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AiM(AiMConfig.from_preset(preset), vq_config=VQConfig() if with_vq else None)

@@ -141,6 +141,10 @@ def _copy(nbytes: int) -> dict:
 
 
 def _git_commit() -> str | None:
+    """AIM_GIT_COMMIT when set (the device machines get a copy of the tree whose .git may be stale),
+    else `git rev-parse` here."""
+    if os.environ.get("AIM_GIT_COMMIT"):
+        return os.environ["AIM_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=5).stdout.strip() or None
