@@ -122,10 +122,10 @@ def _p_per_program(rows: int, nheads: int, headdim: int) -> int:
     return block
 
 
-def _alloc_outputs(rows: int, d_inner: int, n_partials: int, dtype: torch.dtype,
+def _alloc_outputs(rows: int, d_inner: int, d_out: int, n_partials: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """out (R, d_inner) in the model dtype; float32 scratch: v (R, d_inner) and v^2 partials."""
-    return (torch.empty(rows, d_inner, dtype=dtype, device=device),
+    """out (R, d_out) in the model dtype; float32 scratch: v (R, d_inner) and v^2 partials."""
+    return (torch.empty(rows, d_out, dtype=dtype, device=device),
             torch.empty(rows, d_inner, dtype=torch.float32, device=device),
             torch.empty(rows, n_partials, dtype=torch.float32, device=device))
 
@@ -293,9 +293,12 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
     p_per_program = _p_per_program(rows, h, p)
     block_p = min(p_per_program, max(1, TILE_ELEMENTS // n))
     p_blocks = p // p_per_program
-    out, v, sumsq = _alloc_outputs(rows, d_inner, h * p_blocks, zxbcdt.dtype, zxbcdt.device)
+    fused_out = out_weight is not None and not fused_out_reasons(rows, d_inner, ngroups, out_weight, zxbcdt.dtype,
+                                                                 norm_weight.element_size())
+    out, v, sumsq = _alloc_outputs(rows, d_inner, out_weight.shape[0] if fused_out else d_inner, h * p_blocks,
+                                   zxbcdt.dtype, zxbcdt.device)
     if rows == 0:
-        return out if out_weight is None else zxbcdt.new_empty(0, out_weight.shape[0])
+        return out if out_weight is None or fused_out else zxbcdt.new_empty(0, out_weight.shape[0])
     conv_weight, A_log, D, dt_bias, norm_weight = (t.contiguous() for t in (conv_weight, A_log, D, dt_bias, norm_weight))
     conv_bias = conv_bias.contiguous() if conv_bias is not None else None
     block_s = triton.next_power_of_2(state_len)
@@ -307,17 +310,15 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
         state_len, h, ngroups * n, h // ngroups,
         P=p, N=n, W=width, P_PER_PROGRAM=p_per_program, BLOCK_P=block_p, BLOCK_S=block_s,
         HAS_BIAS=conv_bias is not None, num_warps=NUM_WARPS, **launch)
-    if out_weight is not None and not fused_out_reasons(rows, d_inner, ngroups, out_weight, zxbcdt.dtype,
-                                                           norm_weight.element_size()):
+    if fused_out:
         n_out = out_weight.shape[0]
-        result = torch.empty(rows, n_out, dtype=zxbcdt.dtype, device=zxbcdt.device)
         block_n, block_k = gemv.tile_shape(d_inner)
         _norm_shift_out_kernel[(triton.cdiv(n_out, block_n),)](
-            zxbcdt, conv_state, v, sumsq, norm_weight, out_weight, result,
+            zxbcdt, conv_state, v, sumsq, norm_weight, out_weight, out,
             zxbcdt.stride(0), *conv_state.stride(), state_len, eps, n_out, d_inner, h * p_blocks,
             ROWS=rows, N=n, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_PARTS=triton.next_power_of_2(h * p_blocks),
             BLOCK_S=block_s, num_warps=gemv.NUM_WARPS, **launch)
-        return result
+        return out
     group_size = d_inner // ngroups
     parts_per_group = h * p_blocks // ngroups
     _norm_shift_kernel[(rows, ngroups)](
