@@ -53,8 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ext, _triton
+from . import _ext, _triton, decode, gemv
 from ._util import check_tensor, compute_dtype
+from .causal_conv1d import MAX_WIDTH, causal_conv1d_update_ref
+from .norm import rmsnorm_gated_ref
 from .ssm import _check_groups
 
 from ._triton import tl, triton
@@ -336,5 +338,220 @@ def ssd_replay_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     return _ssd_replay_step(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
 
 
-__all__ = ["allocate_replay_history", "launch_config", "not_supported_reasons", "ssd_replay_step",
-           "ssd_replay_step_ref", "ssd_replay_step_triton"]
+
+
+# ==== the fused Mamba2 decode step in replay form ================================================
+#
+# `mamba2_replay_step` is `decode.mamba2_decode_step` with the SSM state replaced by the histories:
+# conv update + SiLU + replay + D skip + gate in kernel 1, the group RMSNorm (+ out_proj at few rows)
+# and the B/C conv-state shift in kernel 2 (decode.norm_out, shared with the state form).
+
+def mamba2_replay_step_ref(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
+                           hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                           A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float, headdim: int,
+                           ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
+    d_inner, conv_dim = norm_weight.shape[0], conv_weight.shape[0]
+    h, n = A_log.shape[0], (conv_dim - d_inner) // (2 * ngroups)
+    z, xBC, dt = zxbcdt.split([d_inner, conv_dim, h], dim=-1)
+    xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, True)
+    x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], dim=-1)
+    A = -torch.exp(A_log.float())  # float32 whatever the model dtype, as the official Mamba2 does
+    y = ssd_replay_step_ref(x.unflatten(-1, (h, headdim)), dt, A, B.unflatten(-1, (ngroups, n)),
+                            C.unflatten(-1, (ngroups, n)), D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+    y = rmsnorm_gated_ref(y.flatten(-2), z, norm_weight, eps, d_inner // ngroups)
+    return y if out_weight is None else gemv.linear_ref(y, out_weight)
+
+
+@torch.library.custom_op("aim_kernels::mamba2_replay_step",
+                         mutates_args=("conv_state", "hist_x", "hist_B", "hist_dt", "hist_cum"))
+def _mamba2_replay_step(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
+                        hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                        A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float, headdim: int,
+                        ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
+    return mamba2_replay_step_ref(zxbcdt, conv_state, hist_x, hist_B, hist_dt, hist_cum, step, conv_weight,
+                                  conv_bias, A_log, D, dt_bias, norm_weight, eps, headdim, ngroups,
+                                  out_weight).contiguous()
+
+
+@_mamba2_replay_step.register_fake
+def _(zxbcdt, conv_state, hist_x, hist_B, hist_dt, hist_cum, step, conv_weight, conv_bias, A_log, D, dt_bias,
+      norm_weight, eps, headdim, ngroups, out_weight=None):
+    return zxbcdt.new_empty(zxbcdt.shape[0], (norm_weight if out_weight is None else out_weight).shape[0])
+
+
+def step_not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
+                               hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                               A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float,
+                               headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> list[str]:
+    """Why the Triton kernels cannot run these (already validated) inputs; empty list: they can."""
+    reasons = _triton.reasons(zxbcdt.device)
+    reasons += _triton.dtype_reasons(zxbcdt=zxbcdt, conv_state=conv_state, conv_weight=conv_weight,
+                                     conv_bias=conv_bias, A_log=A_log, D=D, dt_bias=dt_bias, norm_weight=norm_weight,
+                                     hist_x=hist_x, hist_B=hist_B, out_weight=out_weight)
+    for name, t in (("hist_dt", hist_dt), ("hist_cum", hist_cum)):
+        if t.dtype != torch.float32:
+            reasons.append(f"{name} is {t.dtype}; the Triton kernel keeps it in float32")
+    for name, t in (("hist_x", hist_x), ("hist_B", hist_B), ("hist_dt", hist_dt), ("hist_cum", hist_cum)):
+        if not t.is_contiguous():
+            reasons.append(f"{name} is not contiguous")
+    if conv_weight.shape[1] > MAX_WIDTH:
+        reasons.append(f"conv width {conv_weight.shape[1]} > {MAX_WIDTH}")
+    if zxbcdt.stride(1) != 1:
+        reasons.append("zxbcdt's channels are not contiguous (stride(1) != 1)")
+    return reasons + _triton.pow2_reasons(headdim=headdim, d_state=hist_B.shape[3])
+
+
+def step_launch_config(rows: int, nheads: int, ngroups: int, headdim: int,
+                       device: torch.device) -> tuple[int, int, int]:
+    """(HEADS, BLOCK_S, WARPS) of kernel 1: heads per program (a power of two dividing the heads of a
+    group), history entries per iteration, warps."""
+    per_group = nheads // ngroups
+    divisors = [b for b in (16, 8, 4, 2, 1) if per_group % b == 0]
+    # the widest head block (long contiguous runs of the x history) that still gives >= 2 programs per SM
+    heads = next((b for b in divisors if rows * (nheads // b) >= 2 * _num_sms(device)), divisors[-1])
+    block_s = min(32, max(1, 8192 // (heads * headdim)))  # (BLOCK_S, HEADS, P) tiles of <= 8192 elements
+    return heads, block_s, 8 if block_s * heads * headdim >= 8192 else 4
+
+
+if triton is not None:
+    @triton.jit
+    def _replay_kernel(zxbcdt_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, A_log_ptr, D_ptr, dt_bias_ptr,
+                       hx_ptr, hB_ptr, hdt_ptr, hcum_ptr, step_ptr, v_ptr, sumsq_ptr,
+                       stride_zr, stride_cr, stride_cc, stride_cs, stride_wc, stride_wk, S, T, H, GN,
+                       HEADS_PER_GROUP, P: tl.constexpr, N: tl.constexpr, W: tl.constexpr, HEADS: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+        """Program (r, heads h0..h0+HEADS): conv of its x channels and of its group's B/C, then
+        y[h] = sum_{s < t} (C_t . B_s) exp(cum_t - cum_s) dt_s x_s[h] + (C_t . B_t) dt_t x_t[h] + D x_t[h],
+        v = y * silu(z) and its v^2 partial for kernel 2; appends x_t, dt_t, cum_t (and B_t: the
+        group's first program) at t, which no program of this launch reads; shifts its x conv windows."""
+        r = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        h = hb * HEADS + tl.arange(0, HEADS)
+        g = (hb * HEADS) // HEADS_PER_GROUP
+        p = tl.arange(0, P)
+        n = tl.arange(0, N)
+        d_inner = H * P
+        neg_A = tl.exp(tl.load(A_log_ptr + h).to(tl.float32))  # A = -exp(A_log)
+        skip = tl.load(D_ptr + h).to(tl.float32)
+        dt_bias = tl.load(dt_bias_ptr + h).to(tl.float64)
+        _triton.pdl_wait(PDL)
+        t = tl.load(step_ptr)
+        z_row = zxbcdt_ptr + r * stride_zr
+        xbc_row = z_row + d_inner
+        cs_row = conv_state_ptr + r * stride_cr
+        hx_dtype = hx_ptr.dtype.element_ty
+
+        # this step's inputs, rounded to the histories' dtype as later steps will read them
+        B_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + g * N + n, S, stride_cc, stride_cs,
+                         stride_wc, stride_wk, W, HAS_BIAS).to(hx_dtype)
+        C_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + GN + g * N + n, S, stride_cc,
+                         stride_cs, stride_wc, stride_wk, W, HAS_BIAS)
+        ch = h[:, None] * P + p[None, :]                                              # (HEADS, P) x channels
+        x_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, ch, S, stride_cc, stride_cs, stride_wc,
+                         stride_wk, W, HAS_BIAS).to(hx_dtype)
+        # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
+        dt = tl.load(z_row + 2 * d_inner + 2 * GN + h).to(tl.float64) + dt_bias
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
+        row_ht = r * T * H                                                            # (R, T, H) arrays
+        cum_t = tl.load(hcum_ptr + row_ht + (t - 1) * H + h, mask=(t > 0) & (h < H), other=0.0) - dt * neg_A
+
+        s_in = tl.arange(0, BLOCK_S)
+        hB_row = hB_ptr + r * T * GN + g * N
+        acc = tl.zeros((BLOCK_S, HEADS, P), dtype=tl.float32)
+        for s0 in range(0, t, BLOCK_S):
+            s = s0 + s_in
+            past = s < t
+            B_s = tl.load(hB_row + s[:, None] * GN + n[None, :], mask=past[:, None], other=0.0)
+            scores = tl.sum(B_s.to(tl.float32) * C_t[None, :], axis=1)               # (BLOCK_S,)
+            sh = row_ht + s[:, None] * H + h[None, :]                                 # (BLOCK_S, HEADS)
+            cum_s = tl.load(hcum_ptr + sh, mask=past[:, None], other=0.0)
+            dt_s = tl.load(hdt_ptr + sh, mask=past[:, None], other=0.0)
+            w = scores[:, None] * tl.exp(tl.where(past[:, None], cum_t[None, :] - cum_s, float("-inf"))) * dt_s
+            x_s = tl.load(hx_ptr + sh[:, :, None] * P + p[None, None, :], mask=past[:, None, None], other=0.0)
+            acc += w[:, :, None] * x_s.to(tl.float32)
+        x_now = x_t.to(tl.float32)
+        now = tl.sum(B_t.to(tl.float32) * C_t, axis=0) * dt + skip                   # (HEADS,)
+        y = tl.sum(acc, axis=0) + now[:, None] * x_now
+        zg = tl.load(z_row + ch).to(tl.float32)
+        v = y * zg * tl.sigmoid(zg)
+        tl.store(v_ptr + r * d_inner + ch, v)
+        tl.store(sumsq_ptr + r * tl.num_programs(1) + hb, tl.sum(tl.sum(v * v, axis=1), axis=0))
+
+        if t < T:
+            tl.store(hx_ptr + (row_ht + t * H + h[:, None]) * P + p[None, :], x_t)
+            tl.store(hdt_ptr + row_ht + t * H + h, dt)
+            tl.store(hcum_ptr + row_ht + t * H + h, cum_t)
+            if (hb * HEADS) % HEADS_PER_GROUP == 0:
+                tl.store(hB_row + t * GN + n, B_t)
+        decode._shift_conv_state(xbc_row, cs_row, hb * HEADS * P + tl.arange(0, HEADS * P), S, stride_cc, stride_cs,
+                          BLOCK_SS)
+
+
+def mamba2_replay_step_triton(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
+                              hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                              A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float,
+                              headdim: int, ngroups: int, out_weight: Optional[Tensor] = None,
+                              config: Optional[tuple[int, int, int]] = None) -> Tensor:
+    """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests).
+
+    config: (HEADS, BLOCK_S, WARPS) instead of `step_launch_config`'s choice (tests, tuning).
+    """
+    args = (zxbcdt, conv_state, hist_x, hist_B, hist_dt, hist_cum, step, conv_weight, conv_bias, A_log, D, dt_bias,
+            norm_weight, eps, headdim, ngroups, out_weight)
+    reasons = step_not_supported_reasons(*args)
+    if reasons:
+        raise ValueError("the Triton mamba2_replay_step cannot run these inputs: " + "; ".join(reasons))
+    rows, T, h, p = hist_x.shape
+    n = hist_B.shape[3]
+    d_inner = h * p
+    heads, block_s, warps = config or step_launch_config(rows, h, ngroups, p, zxbcdt.device)
+    fused_out = out_weight is not None and not decode.fused_out_reasons(
+        rows, d_inner, ngroups, out_weight, zxbcdt.dtype, norm_weight.element_size())
+    out, v, sumsq = decode._alloc_outputs(rows, d_inner, out_weight.shape[0] if fused_out else d_inner, h // heads,
+                                          zxbcdt.dtype, zxbcdt.device)
+    if rows == 0:
+        return out if out_weight is None or fused_out else zxbcdt.new_empty(0, out_weight.shape[0])
+    conv_weight, A_log, D, dt_bias, norm_weight = (t.contiguous() for t in (conv_weight, A_log, D, dt_bias, norm_weight))
+    conv_bias = conv_bias.contiguous() if conv_bias is not None else None
+    state_len = conv_state.shape[2]
+    _replay_kernel[(rows, h // heads)](
+        zxbcdt, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, A_log, D, dt_bias,
+        hist_x, hist_B, hist_dt, hist_cum, step, v, sumsq,
+        zxbcdt.stride(0), *conv_state.stride(), *conv_weight.stride(), state_len, T, h, ngroups * n, h // ngroups,
+        P=p, N=n, W=conv_weight.shape[1], HEADS=heads, BLOCK_S=block_s,
+        BLOCK_SS=triton.next_power_of_2(state_len), HAS_BIAS=conv_bias is not None, num_warps=warps,
+        **_triton.launch_options(zxbcdt.device))
+    return decode.norm_out(zxbcdt, conv_state, v, sumsq, norm_weight, eps, out_weight, out, fused_out, ngroups, n)
+
+
+_ext.register_backend(_mamba2_replay_step, "triton", device_type="cuda", impl=mamba2_replay_step_triton,
+                      not_supported_reasons=step_not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
+
+
+def mamba2_replay_step(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
+                       hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                       A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float, headdim: int,
+                       ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
+    """One Mamba2 decode step in replay form, from the in_proj output to the out_proj input (or, with
+    `out_weight`, the mixer output): `mamba2_decode_step` with the SSM state replaced by this
+    sequence's histories (`allocate_replay_history`), appended at index `step` (0-dim int64 tensor on
+    the device, in [0, T)). conv_state (R, conv_dim, S) is updated in place as in the state form.
+    """
+    rows, d_inner, nheads, d_state = decode.check_step_args(zxbcdt, conv_state, conv_weight, conv_bias, A_log, D,
+                                                            dt_bias, norm_weight, headdim, ngroups, out_weight)
+    dev = zxbcdt.device
+    check_tensor("hist_x", hist_x, (rows, None, nheads, headdim), device=dev)
+    T = hist_x.shape[1]
+    if T < 1:
+        raise ValueError("the histories must hold at least one step (hist_x.shape[1] >= 1)")
+    check_tensor("hist_B", hist_B, (rows, T, ngroups, d_state), device=dev)
+    check_tensor("hist_dt", hist_dt, (rows, T, nheads), device=dev, dtypes=HIST_STAT_DTYPES)
+    check_tensor("hist_cum", hist_cum, (rows, T, nheads), device=dev, dtypes=HIST_STAT_DTYPES)
+    check_tensor("step", step, (), device=dev, dtypes=(torch.int64,))
+    return _mamba2_replay_step(zxbcdt, conv_state, hist_x, hist_B, hist_dt, hist_cum, step, conv_weight, conv_bias,
+                               A_log, D, dt_bias, norm_weight, float(eps), headdim, ngroups, out_weight)
+
+
+__all__ = ["allocate_replay_history", "launch_config", "mamba2_replay_step", "mamba2_replay_step_ref",
+           "mamba2_replay_step_triton", "not_supported_reasons", "ssd_replay_step", "ssd_replay_step_ref",
+           "ssd_replay_step_triton", "step_launch_config", "step_not_supported_reasons"]

@@ -29,8 +29,46 @@ def gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xr, stride_wn, stride_or,
         tl.store(out_ptr + r * stride_or + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
-def gemv(x, w, out, block_n, warps, pdl):
+@triton.jit
+def gemv_chunked_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xr, stride_wn, stride_or,
+                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
+    """K = CHUNKS * BLOCK_K exactly (CHUNKS <= 4): no lanes lost to padding K to a power of two."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    wp = w_ptr + n[:, None] * stride_wn + k[None, :]
+    m = n[:, None] < N
+    w0 = tl.load(wp, mask=m, other=0.0)
+    if CHUNKS >= 2:
+        w1 = tl.load(wp + BLOCK_K, mask=m, other=0.0)
+    if CHUNKS >= 3:
+        w2 = tl.load(wp + 2 * BLOCK_K, mask=m, other=0.0)
+    if CHUNKS >= 4:
+        w3 = tl.load(wp + 3 * BLOCK_K, mask=m, other=0.0)
+    gdc_launch_dependents()
+    gdc_wait()
+    for r in tl.static_range(ROWS):
+        xp = x_ptr + r * stride_xr + k
+        acc = tl.sum(w0.to(tl.float32) * tl.load(xp).to(tl.float32)[None, :], axis=1)
+        if CHUNKS >= 2:
+            acc += tl.sum(w1.to(tl.float32) * tl.load(xp + BLOCK_K).to(tl.float32)[None, :], axis=1)
+        if CHUNKS >= 3:
+            acc += tl.sum(w2.to(tl.float32) * tl.load(xp + 2 * BLOCK_K).to(tl.float32)[None, :], axis=1)
+        if CHUNKS >= 4:
+            acc += tl.sum(w3.to(tl.float32) * tl.load(xp + 3 * BLOCK_K).to(tl.float32)[None, :], axis=1)
+        tl.store(out_ptr + r * stride_or + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
+
+
+def gemv(x, w, out, block_n, warps, kind):
     n, k = w.shape
+    if kind == "chunked":  # BLOCK_K: the largest power of two dividing k with k / BLOCK_K <= 4
+        block_k = k & -k
+        while k // block_k > 4:
+            block_k *= 2
+        gemv_chunked_kernel[(triton.cdiv(n, block_n),)](x, w, out, n, k, x.stride(0), w.stride(0), out.stride(0),
+                                                       ROWS=x.shape[0], BLOCK_N=block_n, BLOCK_K=block_k,
+                                                       CHUNKS=k // block_k, num_warps=warps, launch_pdl=True)
+        return
+    pdl = kind == "pdl"
     gemv_kernel[(triton.cdiv(n, block_n),)](x, w, out, n, k, x.stride(0), w.stride(0), out.stride(0),
                                            ROWS=x.shape[0], BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k),
                                            PDL=pdl, num_warps=warps, launch_pdl=pdl)
@@ -46,7 +84,7 @@ def run(d, d_inner, n_in, layers, rows=2, dtype=torch.bfloat16):
     for wi, wo in zip(w_in, w_out):
         ref = (ref @ wi.float().t())[:, :d_inner] @ wo.float().t()
     results = []
-    configs = [("cublas", 0, 0)] + [(k, bn, nw) for k in ("triton", "pdl") for bn in (4, 8, 16, 32) for nw in (4, 8)]
+    configs = [("cublas", 0, 0)] + [(k, bn, nw) for k in KINDS for bn in BLOCKS_N for nw in (4, 8)]
     for kind, bn, nw in configs:
         mids = [torch.empty(rows, n_in, device="cuda", dtype=dtype) for _ in range(layers)]
 
@@ -56,9 +94,9 @@ def run(d, d_inner, n_in, layers, rows=2, dtype=torch.bfloat16):
                 if kind == "cublas":
                     h = F.linear(F.linear(h, wi)[:, :d_inner], wo)
                 else:
-                    gemv(h, wi, mid, bn, nw, kind == "pdl")
+                    gemv(h, wi, mid, bn, nw, kind)
                     h2 = torch.empty(rows, d, device="cuda", dtype=dtype)
-                    gemv(mid[:, :d_inner], wo, h2, bn, nw, kind == "pdl")
+                    gemv(mid[:, :d_inner].contiguous() if kind == "chunked" else mid[:, :d_inner], wo, h2, bn, nw, kind)
                     h = h2
             return h
         try:
@@ -78,14 +116,22 @@ def run(d, d_inner, n_in, layers, rows=2, dtype=torch.bfloat16):
             ms = triton.testing.do_bench(g.replay, warmup=50, rep=300)
             us = ms * 1e3
             results.append((kind, bn, nw, us, us / layers, bytes_ / (ms * 1e-3) / 1e12, err))
-            print(f"d={d} {kind:7s} BLOCK_N={bn:2d} warps={nw}: {us:8.1f} us total, {us / layers:6.2f} us/layer, "
+            print(f"d={d} {str(dtype)[6:]} {kind:7s} BLOCK_N={bn:2d} warps={nw}: {us:8.1f} us total, {us / layers:6.2f} us/layer, "
                   f"{bytes_ / (ms * 1e-3) / 1e12:5.2f} TB/s, rel err {err:.1e}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"d={d} {kind} {bn} {nw}: FAILED {type(e).__name__}: {e}", flush=True)
     return results
 
 
+KINDS, BLOCKS_N = ("pdl", "chunked"), (1, 2, 4, 8, 16)
+
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    run(768, 1536, 3352, 24)       # AiM-B
-    run(1536, 3072, 6448, 48)      # AiM-XL
+    which = sys.argv[1:] or ["B", "XL"]
+    for dtype in (torch.bfloat16, torch.float32):
+        if "B" in which:
+            run(768, 1536, 3352, 24, dtype=dtype)       # AiM-B
+        if "L" in which:
+            run(1024, 2048, 4384, 48, dtype=dtype)      # AiM-L
+        if "XL" in which:
+            run(1536, 3072, 6448, 48, dtype=dtype)      # AiM-XL
