@@ -401,16 +401,18 @@ def step_not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tenso
     return reasons + _triton.pow2_reasons(headdim=headdim, d_state=hist_B.shape[3])
 
 
-def step_launch_config(rows: int, nheads: int, ngroups: int, headdim: int,
+def step_launch_config(rows: int, nheads: int, ngroups: int, headdim: int, dtype: torch.dtype,
                        device: torch.device) -> tuple[int, int, int]:
     """(HEADS, BLOCK_S, WARPS) of kernel 1: heads per program (a power of two dividing the heads of a
-    group), history entries per iteration, warps."""
+    group), history entries per iteration, warps. Measured on an H200 at 128 rows, t = 128
+    (scripts/explore_replay_step.py): 4 warps always; the widest head block that keeps >= 2
+    programs per SM; x tiles of ~16 KB (AiM-B bf16 (8, 16)..(8, 32), AiM-XL bf16 (16, 8), fp32 (8, 8)
+    and (16, 8)); 8 warps were 1.2-2x slower everywhere."""
     per_group = nheads // ngroups
     divisors = [b for b in (16, 8, 4, 2, 1) if per_group % b == 0]
-    # the widest head block (long contiguous runs of the x history) that still gives >= 2 programs per SM
     heads = next((b for b in divisors if rows * (nheads // b) >= 2 * _num_sms(device)), divisors[-1])
-    block_s = min(32, max(1, 8192 // (heads * headdim)))  # (BLOCK_S, HEADS, P) tiles of <= 8192 elements
-    return heads, block_s, 8 if block_s * heads * headdim >= 8192 else 4
+    block_s = min(32, max(8, 16384 // (heads * headdim * dtype.itemsize)))
+    return heads, block_s, 4
 
 
 if triton is not None:
@@ -442,13 +444,13 @@ if triton is not None:
         hx_dtype = hx_ptr.dtype.element_ty
 
         # this step's inputs, rounded to the histories' dtype as later steps will read them
-        B_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + g * N + n, S, stride_cc, stride_cs,
-                         stride_wc, stride_wk, W, HAS_BIAS).to(hx_dtype)
+        B_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + g * N + n, S, stride_cc,
+                                stride_cs, stride_wc, stride_wk, W, HAS_BIAS).to(hx_dtype)
         C_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + GN + g * N + n, S, stride_cc,
-                         stride_cs, stride_wc, stride_wk, W, HAS_BIAS)
+                                stride_cs, stride_wc, stride_wk, W, HAS_BIAS)
         ch = h[:, None] * P + p[None, :]                                              # (HEADS, P) x channels
         x_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, ch, S, stride_cc, stride_cs, stride_wc,
-                         stride_wk, W, HAS_BIAS).to(hx_dtype)
+                                stride_wk, W, HAS_BIAS).to(hx_dtype)
         # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
         dt = tl.load(z_row + 2 * d_inner + 2 * GN + h).to(tl.float64) + dt_bias
         dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
@@ -457,21 +459,28 @@ if triton is not None:
 
         s_in = tl.arange(0, BLOCK_S)
         hB_row = hB_ptr + r * T * GN + g * N
-        acc = tl.zeros((BLOCK_S, HEADS, P), dtype=tl.float32)
+        # (BLOCK_S * HEADS, P) tiles of the x history, HEADS * P contiguous elements per entry; the
+        # weights come as (BLOCK_S, HEADS) and are flattened to the tile's rows
+        K: tl.constexpr = BLOCK_S * HEADS
+        e = tl.arange(0, K)
+        acc = tl.zeros((K, P), dtype=tl.float32)
         for s0 in range(0, t, BLOCK_S):
             s = s0 + s_in
             past = s < t
             B_s = tl.load(hB_row + s[:, None] * GN + n[None, :], mask=past[:, None], other=0.0)
-            scores = tl.sum(B_s.to(tl.float32) * C_t[None, :], axis=1)               # (BLOCK_S,)
-            sh = row_ht + s[:, None] * H + h[None, :]                                 # (BLOCK_S, HEADS)
+            scores = tl.sum(B_s.to(tl.float32) * C_t[None, :], axis=1)
+            sh = row_ht + s[:, None] * H + h[None, :]
             cum_s = tl.load(hcum_ptr + sh, mask=past[:, None], other=0.0)
             dt_s = tl.load(hdt_ptr + sh, mask=past[:, None], other=0.0)
             w = scores[:, None] * tl.exp(tl.where(past[:, None], cum_t[None, :] - cum_s, float("-inf"))) * dt_s
-            x_s = tl.load(hx_ptr + sh[:, :, None] * P + p[None, None, :], mask=past[:, None, None], other=0.0)
-            acc += w[:, :, None] * x_s.to(tl.float32)
+            se = s0 + e // HEADS
+            xe = (row_ht + se * H + hb * HEADS + e % HEADS) * P
+            x_s = tl.load(hx_ptr + xe[:, None] + p[None, :], mask=(se < t)[:, None], other=0.0)
+            acc += tl.reshape(w, (K,))[:, None] * x_s.to(tl.float32)
+        ysum = tl.sum(tl.reshape(acc, (BLOCK_S, HEADS, P)), axis=0)
         x_now = x_t.to(tl.float32)
         now = tl.sum(B_t.to(tl.float32) * C_t, axis=0) * dt + skip                   # (HEADS,)
-        y = tl.sum(acc, axis=0) + now[:, None] * x_now
+        y = ysum + now[:, None] * x_now
         zg = tl.load(z_row + ch).to(tl.float32)
         v = y * zg * tl.sigmoid(zg)
         tl.store(v_ptr + r * d_inner + ch, v)
@@ -483,8 +492,8 @@ if triton is not None:
             tl.store(hcum_ptr + row_ht + t * H + h, cum_t)
             if (hb * HEADS) % HEADS_PER_GROUP == 0:
                 tl.store(hB_row + t * GN + n, B_t)
-        decode._shift_conv_state(xbc_row, cs_row, hb * HEADS * P + tl.arange(0, HEADS * P), S, stride_cc, stride_cs,
-                          BLOCK_SS)
+        decode._shift_conv_state(xbc_row, cs_row, hb * HEADS * P + tl.arange(0, HEADS * P), S, stride_cc,
+                                 stride_cs, BLOCK_SS)
 
 
 def mamba2_replay_step_triton(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
@@ -504,7 +513,7 @@ def mamba2_replay_step_triton(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor
     rows, T, h, p = hist_x.shape
     n = hist_B.shape[3]
     d_inner = h * p
-    heads, block_s, warps = config or step_launch_config(rows, h, ngroups, p, zxbcdt.device)
+    heads, block_s, warps = config or step_launch_config(rows, h, ngroups, p, hist_x.dtype, zxbcdt.device)
     fused_out = out_weight is not None and not decode.fused_out_reasons(
         rows, d_inner, ngroups, out_weight, zxbcdt.dtype, norm_weight.element_size())
     out, v, sumsq = decode._alloc_outputs(rows, d_inner, out_weight.shape[0] if fused_out else d_inner, h // heads,
