@@ -6,8 +6,6 @@ the out_proj input, in the two forms generation chooses between (aim/generation.
 - replay at step t: `mamba2_replay_step` (conv update + the SSD form over this sequence's t earlier
   entries + gated RMSNorm). Bytes: the t history entries read (x, B in the model dtype; dt, cum in
   float32), plus the step's inputs, appends and outputs. t = 128 is the mean over AiM's 256 steps.
-- replay (ops): the unfused chain the model ran before `mamba2_replay_step` (causal_conv1d_update,
-  ssd_replay_step, rmsnorm_gated), counted with the same bytes.
 
 Device time per call from CUDA-graph replay (benchmarks/_common.py), inputs rotated over sets larger than
 the L2 where one set is smaller. Appends rows to benchmarks/results.jsonl (and --out).
@@ -64,16 +62,6 @@ def run_replay(s, h):
                                  s["conv_bias"], s["A_log"], s["D"], s["dt_bias"], s["norm_weight"], 1e-5, P, 1)
 
 
-def run_replay_ops(s, h):
-    d_inner = h * P
-    z, xBC, dt = s["zxbcdt"].split([d_inner, d_inner + 2 * N, h], -1)
-    xBC = ak.causal_conv1d_update(xBC, s["conv_state"], s["conv_weight"], s["conv_bias"], "silu")
-    x, B, C = xBC.split([d_inner, N, N], -1)
-    y = ak.ssd_replay_step(x.unflatten(-1, (h, P)), dt, -torch.exp(s["A_log"]), B.unflatten(-1, (1, N)),
-                           C.unflatten(-1, (1, N)), s["D"], s["dt_bias"], *s["hist"], s["step"])
-    return ak.rmsnorm_gated(y.flatten(-2), z, s["norm_weight"], 1e-5, d_inner)
-
-
 def step_bytes(h: int, es: int, form: str, t: int) -> int:
     d_inner, conv_dim = h * P, h * P + 2 * N
     io = ROWS * ((d_inner + conv_dim + h) * es + d_inner * es + 2 * conv_dim * (W - 1) * es)
@@ -97,8 +85,7 @@ def main(argv=None) -> int:
         h = MODELS[model]
         for dtype in (torch.bfloat16, torch.float32):
             es = dtype.itemsize
-            cases = [("state", run_state, 0)] + [("replay", run_replay, t) for t in STEPS] + \
-                    [("replay (ops)", run_replay_ops, 128)]
+            cases = [("state", run_state, 0)] + [("replay", run_replay, t) for t in STEPS]
             for form, fn, t in cases:
                 nbytes = step_bytes(h, es, "state" if form == "state" else "replay", t)
                 sets = [make_set(h, dtype, t) for _ in range(n_sets(nbytes, cap=4))]

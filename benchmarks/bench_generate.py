@@ -1,7 +1,7 @@
 """End-to-end sampling: 256 tokens with CFG (and the VQ decode at batch 64), per preset, batch and
 weight dtype, against the official stack (AIM_SPEC §8) and the recurrent per-step byte floor.
 
-  python benchmarks/bench_generate.py [--out benchmarks/results.jsonl] [--full]
+  python benchmarks/bench_generate.py [--out benchmarks/results.jsonl] [--full] [--batches 16 64]
 
 The default grid fits the one-call GPU harness; --full runs every preset x batch {1, 16, 64, 256} x
 {bf16, fp32}. The same measurement is `aim bench generate`.
@@ -26,9 +26,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, action="append")
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--batches", type=int, nargs="+", help="only these batch sizes")
     args = parser.parse_args()
     grid = ([(p, b, d) for p in ("AiM-B", "AiM-L", "AiM-XL") for d in ("bfloat16", "float32")
              for b in (1, 16, 64, 256)] if args.full else QUICK)
+    grid = [g for g in grid if not args.batches or g[1] in args.batches]
     rec = Recorder("generate", args.out or [DATA])
     for preset, batch, dtype in grid:
         r = bench_generate(preset, batch, dtype, with_vq=batch == 64)

@@ -112,7 +112,7 @@ def test_wrapper_rejects_bad_inputs():
 
 def test_not_supported_reasons():
     inp = replay_inputs(2, 2, 8, 8, 1, 4, 5)
-    reasons = lambda **c: " ".join(replay.step_not_supported_reasons(*args_of(dict(inp, **c))))  # noqa: E731
+    reasons = lambda **c: " ".join(replay.not_supported_reasons(*args_of(dict(inp, **c))))  # noqa: E731
     assert "hist_cum is torch.float64" in reasons(hist_cum=inp["hist_cum"].double())
     assert "hist_x is not contiguous" in reasons(hist_x=inp["hist_x"].transpose(0, 1).contiguous().transpose(0, 1))
     assert "headdim 6 is not a power of two" in reasons(headdim=6)
@@ -132,7 +132,7 @@ def check_triton(inp, steps, device, config=None, tol=None):
     if device == "cpu":
         fn = lambda *a: replay.mamba2_replay_step_triton(*a, config=config)  # noqa: E731
     else:
-        assert replay.step_not_supported_reasons(*args_of(run)) == []
+        assert replay.not_supported_reasons(*args_of(run)) == []
         assert _ext.backend_for(replay._mamba2_replay_step, *args_of(run)) == "triton"
         fn = ak.mamba2_replay_step
     y = run_steps(fn, run, tokens)
