@@ -31,12 +31,13 @@ class StateCache(NamedTuple):
 
 class ReplayCache(NamedTuple):
     """Replay-form decode state of one Mamba2 layer: the conv window, this sequence's per-token SSM
-    inputs and the generation's step counter."""
+    inputs, A = -exp(A_log) (computed once per generation) and the generation's step counter."""
     conv_state: Tensor
     hist_x: Tensor
     hist_B: Tensor
     hist_dt: Tensor
     hist_cum: Tensor
+    A: Tensor
     step: Tensor
 
 
@@ -102,10 +103,14 @@ class Mamba2Mixer(nn.Module):
             return ak.mamba2_decode_step(zxbcdt, cache.conv_state, cache.ssm_state, self.conv1d.weight.squeeze(1),
                                          self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight,
                                          NORM_EPS, self.headdim, self.ngroups, self.out_proj.weight)
-        return ak.mamba2_replay_step(zxbcdt, cache.conv_state, cache.hist_x, cache.hist_B, cache.hist_dt,
-                                     cache.hist_cum, cache.step, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                     self.A_log, self.D, self.dt_bias, self.norm.weight, NORM_EPS, self.headdim,
-                                     self.ngroups, self.out_proj.weight)
+        z, xBC, dt = self._split(zxbcdt)
+        xBC = ak.causal_conv1d_update(xBC, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        n = self.d_state
+        y = ak.ssd_replay_step(x.unflatten(-1, (self.nheads, self.headdim)), dt, cache.A,
+                               B.unflatten(-1, (self.ngroups, n)), C.unflatten(-1, (self.ngroups, n)), self.D,
+                               self.dt_bias, cache.hist_x, cache.hist_B, cache.hist_dt, cache.hist_cum, cache.step)
+        return self._out(y.flatten(-2), z)
 
     def allocate_cache(self, batch: int, device, dtype, state_dtype, max_len: int,
                        step: Optional[Tensor]) -> Union[StateCache, ReplayCache]:
@@ -117,13 +122,15 @@ class Mamba2Mixer(nn.Module):
                                                       dtype=state_dtype))
         history = ak.allocate_replay_history(batch, max_len, self.nheads, self.headdim, self.ngroups,
                                              self.d_state, device, dtype)
-        return ReplayCache(conv_state, *history, step)
+        return ReplayCache(conv_state, *history, torch.empty(self.nheads, device=device), step)
 
     def reset_cache(self, cache: Union[StateCache, ReplayCache]) -> None:
         """Start of a generation: empty windows and state (the replay history needs no reset)."""
         cache.conv_state.zero_()
         if isinstance(cache, StateCache):
             cache.ssm_state.zero_()
+        else:
+            cache.A.copy_(-torch.exp(self.A_log.float()))
 
 
 class Mamba1Mixer(nn.Module):

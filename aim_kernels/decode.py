@@ -310,35 +310,21 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
         state_len, h, ngroups * n, h // ngroups,
         P=p, N=n, W=width, P_PER_PROGRAM=p_per_program, BLOCK_P=block_p, BLOCK_S=block_s,
         HAS_BIAS=conv_bias is not None, num_warps=NUM_WARPS, **launch)
-    return norm_out(zxbcdt, conv_state, v, sumsq, norm_weight, eps, out_weight, out, fused_out, ngroups, n)
-
-
-def norm_out(zxbcdt: Tensor, conv_state: Tensor, v: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float,
-             out_weight: Optional[Tensor], out: Tensor, fused_out: bool, ngroups: int, d_state: int) -> Tensor:
-    """Kernel 2 of a decode step (this one's and the replay form's, replay.py): from kernel 1's float32
-    v = y * silu(z) (R, d_inner) and its per-row v^2 partials (R, n_parts, the group's partials
-    contiguous), the group RMSNorm (into `out`, or with `fused_out` through out_proj into `out`),
-    and the B/C conv-state shift. Without `fused_out`, a given `out_weight` runs as a GEMV after."""
-    rows, d_inner = v.shape
-    n_parts = sumsq.shape[1]
-    state_len = conv_state.shape[2]
-    block_s = triton.next_power_of_2(state_len)
-    launch = _triton.launch_options(zxbcdt.device)
     if fused_out:
         n_out = out_weight.shape[0]
         block_n, block_k = gemv.tile_shape(d_inner)
         _norm_shift_out_kernel[(triton.cdiv(n_out, block_n),)](
             zxbcdt, conv_state, v, sumsq, norm_weight, out_weight, out,
-            zxbcdt.stride(0), *conv_state.stride(), state_len, eps, n_out, d_inner, n_parts,
-            ROWS=rows, N=d_state, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_PARTS=triton.next_power_of_2(n_parts),
+            zxbcdt.stride(0), *conv_state.stride(), state_len, eps, n_out, d_inner, h * p_blocks,
+            ROWS=rows, N=n, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_PARTS=triton.next_power_of_2(h * p_blocks),
             BLOCK_S=block_s, num_warps=gemv.NUM_WARPS, **launch)
         return out
     group_size = d_inner // ngroups
-    parts_per_group = n_parts // ngroups
+    parts_per_group = h * p_blocks // ngroups
     _norm_shift_kernel[(rows, ngroups)](
         zxbcdt, conv_state, v, sumsq, norm_weight, out,
-        zxbcdt.stride(0), *conv_state.stride(), state_len, eps, d_inner, ngroups * d_state, group_size,
-        parts_per_group, N=d_state, BLOCK_D=min(triton.next_power_of_2(group_size), 1024),
+        zxbcdt.stride(0), *conv_state.stride(), state_len, eps, d_inner, ngroups * n, group_size, parts_per_group,
+        N=n, BLOCK_D=min(triton.next_power_of_2(group_size), 1024),
         BLOCK_PARTS=triton.next_power_of_2(parts_per_group), BLOCK_S=block_s, num_warps=4, **launch)
     return out if out_weight is None else gemv.linear(out, out_weight)
 
@@ -349,10 +335,17 @@ _ext.register_backend(_mamba2_decode_step, "triton", device_type="cuda", impl=ma
 
 # ---- public API --------------------------------------------------------------------------------
 
-def check_step_args(zxbcdt: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                    A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, headdim: int, ngroups: int,
-                    out_weight: Optional[Tensor]) -> tuple[int, int, int, int]:
-    """Validate the arguments a decode step (this one or replay.py's) shares; (R, d_inner, H, N)."""
+def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                       conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                       eps: float, headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
+    """One Mamba2 decode step from the in_proj output to the out_proj input, or with `out_weight` (the
+    out_proj weight, (d_out, d_inner)) to the mixer output (see the module docstring).
+
+    zxbcdt (R, 2*d_inner + 2*G*N + H); conv_state (R, conv_dim, S) and ssm_state (R, H, P, N) are
+    updated in place; conv_weight (conv_dim, W), W in 2..4; conv_bias (conv_dim,) or None;
+    A_log, D, dt_bias (H,) with A = -exp(A_log); norm_weight (d_inner,). Returns y (R, d_inner), or
+    y @ out_weight.T (R, d_out), in zxbcdt's dtype.
+    """
     if not isinstance(zxbcdt, Tensor) or zxbcdt.dim() != 2:
         raise ValueError(f"zxbcdt must be (rows, 2*d_inner + 2*ngroups*d_state + nheads), got "
                          f"{tuple(zxbcdt.shape) if isinstance(zxbcdt, Tensor) else type(zxbcdt).__name__}")
@@ -382,28 +375,11 @@ def check_step_args(zxbcdt: Tensor, conv_state: Tensor, conv_weight: Tensor, con
     if conv_state.shape[2] < width - 1:
         raise ValueError(f"conv_state holds {conv_state.shape[2]} steps, the width-{width} conv needs "
                          f"at least {width - 1}")
+    check_tensor("ssm_state", ssm_state, (rows, nheads, headdim, d_state), device=dev)
     if out_weight is not None:
         check_tensor("out_weight", out_weight, (None, d_inner), device=dev, dtypes=(zxbcdt.dtype,))
-    return rows, d_inner, nheads, d_state
-
-
-def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
-                       conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
-                       eps: float, headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
-    """One Mamba2 decode step from the in_proj output to the out_proj input, or with `out_weight` (the
-    out_proj weight, (d_out, d_inner)) to the mixer output (see the module docstring).
-
-    zxbcdt (R, 2*d_inner + 2*G*N + H); conv_state (R, conv_dim, S) and ssm_state (R, H, P, N) are
-    updated in place; conv_weight (conv_dim, W), W in 2..4; conv_bias (conv_dim,) or None;
-    A_log, D, dt_bias (H,) with A = -exp(A_log); norm_weight (d_inner,). Returns y (R, d_inner), or
-    y @ out_weight.T (R, d_out), in zxbcdt's dtype.
-    """
-    rows, d_inner, nheads, d_state = check_step_args(zxbcdt, conv_state, conv_weight, conv_bias, A_log, D, dt_bias,
-                                                     norm_weight, headdim, ngroups, out_weight)
-    check_tensor("ssm_state", ssm_state, (rows, nheads, headdim, d_state), device=zxbcdt.device)
     return _mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
                                norm_weight, float(eps), headdim, ngroups, out_weight)
 
 
-__all__ = ["check_step_args", "mamba2_decode_step", "mamba2_decode_step_ref", "mamba2_decode_step_triton",
-           "norm_out", "not_supported_reasons"]
+__all__ = ["mamba2_decode_step", "mamba2_decode_step_ref", "mamba2_decode_step_triton", "not_supported_reasons"]

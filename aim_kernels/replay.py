@@ -5,47 +5,45 @@ Per row and head h (B/C group h // (H / G)), at step t:
     dt_s = softplus(dt_raw_s + dt_bias),  cum_t = sum_{s <= t} dt_s A            (A < 0: cum decreases)
     y_t[h, p] = sum_{s <= t} (C_t . B_s) exp(cum_t - cum_s) dt_s x_s[h, p] + D x_t[h, p]
 which is exactly the recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t
-started from a zero state. The histories (R, T, ...) hold x_s, B_s (the model dtype) and dt_s, cum_s
-(float32); step t appends at index `step`, a 0-dim int64 tensor on the device (the decode loop's
-counter), so nothing syncs with the host and the loop can be captured in a CUDA graph. Entries beyond
-`step` (a previous generation's) are never used: the kernels do not load them, the reference masks
-them out before exp() and the products.
-
-- `ssd_replay_step` (reference only): one SSM step from the conv output, the building block and the
-  definition the tests check against the recurrence and the chunked scan.
-- `mamba2_replay_step`: the model's decode step, `decode.mamba2_decode_step` with the state replaced
-  by the histories, from the in_proj output to the out_proj input (or output). Triton backend, two
-  launches: kernel 1 (below), then `decode.norm_out` (group RMSNorm, out_proj at few rows, B/C
-  conv-state shift), shared with the state form.
+started from a zero state. `ssd_replay_step` appends x_t, B_t (in the histories' dtype, the model
+dtype), dt_t and cum_t at index `step` of the histories (R, T, ...) and returns y_t. The step is a
+0-dim int64 tensor on the device (the decode loop's counter), so nothing syncs with the host and the
+loop can be captured in a CUDA graph. Entries beyond `step` (a previous generation's) are never
+used: the kernel does not load them, the reference masks them out before exp() and the products.
 
 Bytes per step, AiM-XL (48 layers, H = 48, P = 64, N = 128, G = 1, T = 256) at batch 64 with CFG
 (R = 128), bf16 model, averaged over the 256 steps (mean number of history entries 128.5):
-- recurrent (mamba2_decode_step, fp32 state): the state read and written,
+- recurrent (selective_state_update / mamba2_decode_step, fp32 state): the state read and written,
   2 x 128 x 48 x 64 x 128 x 4 B = 403 MB per layer, 19.3 GB per step over 48 layers.
 - replay: per history entry and row H*P*2 (x) + G*N*2 (B) + H*4 (dt) + H*4 (cum) = 6784 B, read
   128 x 128.5 x 6784 B = 112 MB per layer, plus ~1.5 MB for the step's own inputs, appends and y,
-  plus kernel 1's float32 weight scratch (written and read: 2 x H*4 = 384 B per entry, 6 MB):
-  ~120 MB per layer, 30% of the recurrent bytes (the last step, t = 255, moves ~235 MB per layer:
-  58%). fp32 model (x, B histories in fp32): 128 x 128.5 x 13184 B = 217 MB per layer (55% with the
-  scratch).
+  plus the Triton path's float32 weight scratch (written and read: 2 x H*4 = 384 B per entry, 6 MB):
+  ~120 MB per layer, 5.7 GB per step over 48 layers, 30% of the recurrent bytes (the last step,
+  t = 255, moves ~235 MB per layer: 58%). fp32 model (x, B histories in fp32): 128 x 128.5 x 13184 B
+  = 217 MB per layer (54%, 55% with the scratch).
 The replay form moves fewer bytes per step while (t + 1) ((H*P + G*N) e + 16 H) < 2 H*P*N*4
-(e: model dtype bytes; 16 H: dt, cum and the scratch): every step while t < 438 (bf16) or t < 231
-(fp32: AiM's last 25 steps move more than the state form), on average over a sequence while
-T <~ 880 (bf16) or ~460 (fp32). AiM's T = 256
-is below both averages. The histories take R x T x 6784 B = 222 MB per layer at R = 128 (bf16),
-about the fp32 state's 201 MB. Measured per layer at R = 128, t = 128 (benchmarks/bench_decode_step.py,
-BENCHMARKS.md).
+(e: model dtype bytes; 16 H: dt, cum and the weight scratch): every step while t < 438 (bf16)
+or t < 231 (fp32: AiM's last 25 steps move more than the state form), on average over a
+sequence while T <~ 880 (bf16) or ~460 (fp32). AiM's T = 256 is below both averages. The
+histories take R x T x 6784 B = 222 MB per layer at R = 128 (bf16), about the fp32 state's 201 MB.
+Measured (H200, triton 3.6, all 256 steps in one CUDA graph, mean per step and layer, R = 128, H = 48):
+41 us bf16 / 65 us fp32 (2.7 / 3.4 TB/s on the bytes above without the scratch), against 100 us
+for a plain copy of the fp32 state (403 MB at 4.04 TB/s, the recurrent form's floor) and the
+official selective_state_update's 127 us (AIM_SPEC section 8).
 
-Kernel 1, grid (R, H / HEADS), one program per row and block of HEADS heads of one group: the conv
-(+ SiLU) of its group's B/C channels (every program of the group recomputes them, from L2) and, last,
-of its x channels; pass 1 writes w[s, h] = (C_t . B_s) exp(cum_t - cum_s) dt_s for s < t into a
-float32 scratch (R, T, H); pass 2 sums w[s, h] x_s[h, :] over (BLOCK_S * HEADS, P) tiles of the x
-history (HEADS * P contiguous elements per entry), accumulating elementwise in float32 and reducing
-once after the loop; adds (C_t . B_t) dt_t x_t + D x_t, gates with silu(z) and leaves v and its v^2
-partial for kernel 2. It appends x_t, dt_t, cum_t (the group's first program also B_t) at t, which no
-program of the launch reads, and shifts its x channels' conv windows (no other program reads them).
-Computing the weights in a first pass keeps the hot loop free of cross-thread reductions: with the
-scores computed inside it the kernel was 1.2-1.5x slower (scripts/explore_replay_step.py).
+Triton backend (CUDA; CPU tensors under TRITON_INTERPRET=1 through `ssd_replay_step_triton`), two
+launches (three with SPLITS > 1):
+1. `_weights_kernel`, grid (R, T / 32, G): dt_t = softplus(dt + dt_bias) and cum_t = cum_{t-1} +
+   dt_t A for the group's heads; for its 32 entries s <= t: scores = B_s . C_t (B read once per row
+   and group), w[r, s, h] = scores exp(cum_t - cum_s) dt_s into a float32 scratch (R, T, H). The
+   s = t entry comes from the inputs (B_t rounded to the histories' dtype), so no program reads an
+   entry written in this launch; the program whose block holds t appends x_t, B_t, dt_t, cum_t.
+2. `_weighted_sum_kernel`, grid (R, H / HEADS, SPLITS): y[h, :] = sum_{s <= t} w[s, h] x_s[h, :]
+   + D x_t[h, :], the x history read as (BLOCK_S * HEADS, P) tiles (HEADS * P contiguous elements
+   per entry), products accumulated elementwise in float32 and reduced once after the loop (no
+   per-iteration cross-thread reduction). `launch_config` picks the widest head block that still
+   gives >= 2 programs per SM (R = 128, H = 48: 16 heads x 8 entries) and splits the history when R
+   is small; split partials are summed by `_sum_splits_kernel`.
 """
 from __future__ import annotations
 
@@ -55,10 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ext, _triton, decode, gemv
+from . import _ext, _triton
 from ._util import check_tensor, compute_dtype
-from .causal_conv1d import MAX_WIDTH, causal_conv1d_update_ref
-from .norm import rmsnorm_gated_ref
 from .ssm import _check_groups
 
 from ._triton import tl, triton
@@ -115,6 +111,196 @@ def _(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+# ---- Triton backend ----------------------------------------------------------------------------
+
+
+
+def not_supported_reasons(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+                          hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor,
+                          step: Tensor) -> list[str]:
+    """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
+    reasons = _triton.reasons(x.device)
+    reasons += _triton.dtype_reasons(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, hist_x=hist_x, hist_B=hist_B)
+    for name, t in (("hist_dt", hist_dt), ("hist_cum", hist_cum)):
+        if t.dtype != torch.float32:
+            reasons.append(f"{name} is {t.dtype}; the Triton kernel keeps it in float32")
+    for name, t in (("hist_x", hist_x), ("hist_B", hist_B), ("hist_dt", hist_dt), ("hist_cum", hist_cum)):
+        if not t.is_contiguous():
+            reasons.append(f"{name} is not contiguous")
+    for name, t in (("x", x), ("B", B), ("C", C)):
+        if t.stride(-1) != 1:
+            reasons.append(f"{name}'s last dimension is not contiguous (stride(-1) != 1)")
+    reasons += _triton.pow2_reasons(headdim=x.shape[2], d_state=B.shape[2])
+    return reasons
+
+
+def _alloc_outputs(rows: int, nheads: int, headdim: int, max_len: int, splits: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """y (R, H, P) in x's dtype; float32 scratch: weights (R, T, H), partials (SPLITS, R, H, P) (empty
+    when SPLITS == 1)."""
+    return (torch.empty(rows, nheads, headdim, dtype=dtype, device=device),
+            torch.empty(rows, max_len, nheads, dtype=torch.float32, device=device),
+            torch.empty(splits if splits > 1 else 0, rows, nheads, headdim, dtype=torch.float32, device=device))
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def launch_config(rows: int, nheads: int, headdim: int, max_len: int,
+                  device: torch.device) -> tuple[int, int, int, int]:
+    """(HEADS, BLOCK_S, SPLITS, WARPS) of the weighted-sum kernel: heads per program, history entries
+    per iteration, splits of the history, warps per program."""
+    # the widest head block (long contiguous rows of x) that still gives >= 2 programs per SM
+    sms = _num_sms(device)
+    divisors = [b for b in (16, 8, 4, 2, 1) if nheads % b == 0]
+    heads = next((b for b in divisors if rows * (nheads // b) >= 2 * sms), next(b for b in divisors if b <= 4))
+    block_s = max(1, 8192 // (heads * headdim))  # an (entries x heads, P) tile of 8192 elements
+    programs = rows * (nheads // heads)
+    splits = 1  # split the history while the grid is small and every split keeps >= 2 tiles
+    while programs * splits < 2 * sms and max_len >= 4 * splits * block_s:
+        splits *= 2
+    return heads, block_s, splits, 4
+
+
+if triton is not None:
+    @triton.jit
+    def _weights_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, dt_bias_ptr, hx_ptr, hB_ptr, hdt_ptr, hcum_ptr,
+                        step_ptr, w_ptr, stride_xr, stride_xh, stride_dtr, stride_dth, stride_br, stride_bg,
+                        stride_cr, stride_cg, T, H, G, HEADS_PER_GROUP,
+                        P: tl.constexpr, N: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+        """w[r, s, h] = (C_t . B_s) exp(cum_t - cum_s) dt_s for s <= t in this program's block, heads
+        of group g; the program whose block holds t appends x_t, B_t, dt_t, cum_t for the group."""
+        r = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        g = tl.program_id(2)
+        t = tl.load(step_ptr)
+        i = tl.arange(0, GROUP_PAD)
+        hmask = i < HEADS_PER_GROUP
+        h = g * HEADS_PER_GROUP + i
+        n = tl.arange(0, N)
+
+        # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
+        dt = (tl.load(dt_ptr + r * stride_dtr + h * stride_dth, mask=hmask, other=0.0).to(tl.float64)
+              + tl.load(dt_bias_ptr + h, mask=hmask, other=0.0).to(tl.float64))
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
+        row_ht = r * T * H                                                    # (R, T, H) arrays
+        prev = tl.load(hcum_ptr + row_ht + (t - 1) * H + h, mask=hmask & (t > 0) & (t <= T), other=0.0)
+        cum_t = prev + dt * tl.load(A_ptr + h, mask=hmask, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + r * stride_cr + g * stride_cg + n).to(tl.float32)
+        B_t = tl.load(B_ptr + r * stride_br + g * stride_bg + n).to(hB_ptr.dtype.element_ty)
+
+        # s < t from the histories; s = t from the inputs (no entry written in this launch is read)
+        past = (s < t) & (s < T)
+        hB_row = hB_ptr + r * T * G * N + g * N
+        Bs = tl.load(hB_row + s[:, None] * (G * N) + n[None, :], mask=past[:, None], other=0.0)
+        Bs = tl.where((s == t)[:, None], B_t[None, :], Bs).to(tl.float32)
+        scores = tl.sum(Bs * C[None, :], axis=1)                              # (BLOCK_S,)
+        sh = row_ht + s[:, None] * H + h[None, :]
+        pmask = past[:, None] & hmask[None, :]
+        now = (s == t)[:, None]
+        cum_s = tl.where(now, cum_t[None, :], tl.load(hcum_ptr + sh, mask=pmask, other=0.0))
+        dt_s = tl.where(now, dt[None, :], tl.load(hdt_ptr + sh, mask=pmask, other=0.0))
+        used = (past[:, None] | now) & hmask[None, :]
+        w = scores[:, None] * tl.exp(tl.where(used, cum_t[None, :] - cum_s, float("-inf"))) * dt_s
+        tl.store(w_ptr + sh, w, mask=used & (s < T)[:, None])
+
+        if (t >= tl.program_id(1) * BLOCK_S) & (t < tl.program_id(1) * BLOCK_S + BLOCK_S) & (t < T):
+            p = tl.arange(0, P)
+            x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask[:, None], other=0.0)
+            tl.store(hx_ptr + (row_ht + t * H + h[:, None]) * P + p[None, :], x_t.to(hx_ptr.dtype.element_ty),
+                     mask=hmask[:, None])
+            tl.store(hB_row + t * (G * N) + n, B_t)
+            tl.store(hdt_ptr + row_ht + t * H + h, dt, mask=hmask)
+            tl.store(hcum_ptr + row_ht + t * H + h, cum_t, mask=hmask)
+
+    @triton.jit
+    def _weighted_sum_kernel(x_ptr, D_ptr, hx_ptr, w_ptr, step_ptr, y_ptr, part_ptr, stride_xr, stride_xh,
+                             T, H, S_PER_SPLIT, P: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr,
+                             SPLIT: tl.constexpr):
+        """y[r, h] = sum_{s <= t} w[r, s, h] x_s[h] (+ D x_t): (BLOCK_S x HEADS, P) tiles of the x
+        history, float32 products accumulated elementwise, reduced once at the end."""
+        r = tl.program_id(0).to(tl.int64)
+        h0 = tl.program_id(1) * HEADS
+        k = tl.program_id(2)
+        t = tl.load(step_ptr)
+        K: tl.constexpr = BLOCK_S * HEADS
+        e = tl.arange(0, K)
+        he = h0 + e % HEADS                                                   # tile row e: entry e // HEADS
+        p = tl.arange(0, P)
+        s_lo = k * S_PER_SPLIT
+        s_end = tl.minimum(tl.minimum(s_lo + S_PER_SPLIT, t + 1), T)
+        acc = tl.zeros((K, P), dtype=tl.float32)
+        for s0 in range(s_lo, s_end, BLOCK_S):
+            s = s0 + e // HEADS
+            mask = (s < s_end) & (he < H)
+            sh = (r * T + s) * H + he
+            w = tl.load(w_ptr + sh, mask=mask, other=0.0)
+            xs = tl.load(hx_ptr + sh[:, None] * P + p[None, :], mask=mask[:, None], other=0.0)
+            acc += w[:, None] * xs.to(tl.float32)
+        out = tl.sum(tl.reshape(acc, (BLOCK_S, HEADS, P)), axis=0)          # (HEADS, P)
+        h = h0 + tl.arange(0, HEADS)
+        hp = h[:, None] * P + p[None, :]
+        hmask = (h < H)[:, None]
+        if k == 0:
+            x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask, other=0.0)
+            out += tl.load(D_ptr + h, mask=h < H, other=0.0).to(tl.float32)[:, None] * x_t.to(tl.float32)
+        if SPLIT:
+            tl.store(part_ptr + (k * tl.num_programs(0) + r) * (H * P) + hp, out, mask=hmask)
+        else:
+            tl.store(y_ptr + r * (H * P) + hp, out.to(y_ptr.dtype.element_ty), mask=hmask)
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, y_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(SPLITS):
+            acc += tl.load(part_ptr + k * numel + i, mask=mask, other=0.0)
+        tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+WEIGHTS_BLOCK_S = 32
+
+
+def ssd_replay_step_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+                           hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor,
+                           config: Optional[tuple[int, int, int, int]] = None) -> Tensor:
+    """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests).
+
+    config: (HEADS, BLOCK_S, SPLITS, WARPS) instead of `launch_config`'s choice (tests, tuning).
+    """
+    reasons = not_supported_reasons(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+    if reasons:
+        raise ValueError("the Triton ssd_replay_step cannot run these inputs: " + "; ".join(reasons))
+    rows, T, h, p = hist_x.shape
+    g, n = hist_B.shape[2:]
+    heads, block_s, splits, warps = config or launch_config(rows, h, p, T, x.device)
+    y, w, partials = _alloc_outputs(rows, h, p, T, splits, x.dtype, x.device)
+    if rows == 0:
+        return y
+    A, D, dt_bias = (t.contiguous() for t in (A, D, dt_bias))
+    per_group = h // g
+    group_pad = triton.next_power_of_2(per_group)
+    _weights_kernel[(rows, triton.cdiv(T, WEIGHTS_BLOCK_S), g)](
+        x, dt, A, B, C, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, w,
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        T, h, g, per_group, P=p, N=n, GROUP_PAD=group_pad, BLOCK_S=WEIGHTS_BLOCK_S,
+        num_warps=8 if group_pad * p >= 4096 else 4)
+    s_per_split = triton.cdiv(triton.cdiv(T, splits), block_s) * block_s
+    _weighted_sum_kernel[(rows, triton.cdiv(h, heads), splits)](
+        x, D, hist_x, w, step, y, partials, x.stride(0), x.stride(1), T, h, s_per_split,
+        P=p, HEADS=heads, BLOCK_S=block_s, SPLIT=splits > 1, num_warps=warps)
+    if splits > 1:
+        numel = y.numel()
+        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024, num_warps=4)
+    return y
+
+
+_ext.register_backend(_ssd_replay_step, "triton", device_type="cuda", impl=ssd_replay_step_triton,
+                      not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
+
+
 # ---- public API --------------------------------------------------------------------------------
 
 def ssd_replay_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
@@ -150,232 +336,5 @@ def ssd_replay_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     return _ssd_replay_step(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
 
 
-# ==== the fused decode step in replay form =========================================================
-
-def mamba2_replay_step_ref(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
-                           hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                           A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float, headdim: int,
-                           ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
-    d_inner, conv_dim = norm_weight.shape[0], conv_weight.shape[0]
-    h, n = A_log.shape[0], (conv_dim - d_inner) // (2 * ngroups)
-    z, xBC, dt = zxbcdt.split([d_inner, conv_dim, h], dim=-1)
-    xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, True)
-    x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], dim=-1)
-    A = -torch.exp(A_log.float())  # float32 whatever the model dtype, as the official Mamba2 does
-    y = ssd_replay_step_ref(x.unflatten(-1, (h, headdim)), dt, A, B.unflatten(-1, (ngroups, n)),
-                            C.unflatten(-1, (ngroups, n)), D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
-    y = rmsnorm_gated_ref(y.flatten(-2), z, norm_weight, eps, d_inner // ngroups)
-    return y if out_weight is None else gemv.linear_ref(y, out_weight)
-
-
-@torch.library.custom_op("aim_kernels::mamba2_replay_step",
-                         mutates_args=("conv_state", "hist_x", "hist_B", "hist_dt", "hist_cum"))
-def _mamba2_replay_step(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
-                        hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                        A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float, headdim: int,
-                        ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
-    return mamba2_replay_step_ref(zxbcdt, conv_state, hist_x, hist_B, hist_dt, hist_cum, step, conv_weight,
-                                  conv_bias, A_log, D, dt_bias, norm_weight, eps, headdim, ngroups,
-                                  out_weight).contiguous()
-
-
-@_mamba2_replay_step.register_fake
-def _(zxbcdt, conv_state, hist_x, hist_B, hist_dt, hist_cum, step, conv_weight, conv_bias, A_log, D, dt_bias,
-      norm_weight, eps, headdim, ngroups, out_weight=None):
-    return zxbcdt.new_empty(zxbcdt.shape[0], (norm_weight if out_weight is None else out_weight).shape[0])
-
-
-def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
-                               hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                               A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float,
-                               headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> list[str]:
-    """Why the Triton kernels cannot run these (already validated) inputs; empty list: they can."""
-    reasons = _triton.reasons(zxbcdt.device)
-    reasons += _triton.dtype_reasons(zxbcdt=zxbcdt, conv_state=conv_state, conv_weight=conv_weight,
-                                     conv_bias=conv_bias, A_log=A_log, D=D, dt_bias=dt_bias, norm_weight=norm_weight,
-                                     hist_x=hist_x, hist_B=hist_B, out_weight=out_weight)
-    for name, t in (("hist_dt", hist_dt), ("hist_cum", hist_cum)):
-        if t.dtype != torch.float32:
-            reasons.append(f"{name} is {t.dtype}; the Triton kernel keeps it in float32")
-    for name, t in (("hist_x", hist_x), ("hist_B", hist_B), ("hist_dt", hist_dt), ("hist_cum", hist_cum)):
-        if not t.is_contiguous():
-            reasons.append(f"{name} is not contiguous")
-    if conv_weight.shape[1] > MAX_WIDTH:
-        reasons.append(f"conv width {conv_weight.shape[1]} > {MAX_WIDTH}")
-    if zxbcdt.stride(1) != 1:
-        reasons.append("zxbcdt's channels are not contiguous (stride(1) != 1)")
-    return reasons + _triton.pow2_reasons(headdim=headdim, d_state=hist_B.shape[3])
-
-
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
-def launch_config(rows: int, nheads: int, ngroups: int, headdim: int, dtype: torch.dtype,
-                       device: torch.device) -> tuple[int, int, int]:
-    """(HEADS, BLOCK_S, WARPS) of kernel 1: heads per program (a power of two dividing the heads of a
-    group), history entries per iteration of the weighted sum, warps: the widest head block that
-    keeps >= 2 programs per SM, (BLOCK_S * HEADS, P) tiles of 16 KB, 4 warps."""
-    per_group = nheads // ngroups
-    divisors = [b for b in (16, 8, 4, 2, 1) if per_group % b == 0]
-    heads = next((b for b in divisors if rows * (nheads // b) >= 2 * _num_sms(device)), divisors[-1])
-    return heads, max(1, 16384 // (heads * headdim * dtype.itemsize)), 4
-
-
-if triton is not None:
-    @triton.jit
-    def _replay_kernel(zxbcdt_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, A_log_ptr, D_ptr, dt_bias_ptr,
-                       hx_ptr, hB_ptr, hdt_ptr, hcum_ptr, step_ptr, w_ptr, v_ptr, sumsq_ptr,
-                       stride_zr, stride_cr, stride_cc, stride_cs, stride_wc, stride_wk, S, T, H, GN,
-                       HEADS_PER_GROUP, P: tl.constexpr, N: tl.constexpr, W: tl.constexpr, HEADS: tl.constexpr,
-                       BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_SS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       PDL: tl.constexpr):
-        """Program (r, heads h0..h0+HEADS): conv of its x channels and of its group's B/C, then
-        y[h] = sum_{s < t} (C_t . B_s) exp(cum_t - cum_s) dt_s x_s[h] + (C_t . B_t) dt_t x_t[h] + D x_t[h],
-        v = y * silu(z) and its v^2 partial for kernel 2; appends x_t, dt_t, cum_t (and B_t: the
-        group's first program) at t, which no program of this launch reads; shifts its x conv windows."""
-        r = tl.program_id(0).to(tl.int64)
-        hb = tl.program_id(1)
-        h = hb * HEADS + tl.arange(0, HEADS)
-        g = (hb * HEADS) // HEADS_PER_GROUP
-        p = tl.arange(0, P)
-        n = tl.arange(0, N)
-        d_inner = H * P
-        neg_A = tl.exp(tl.load(A_log_ptr + h).to(tl.float32))  # A = -exp(A_log)
-        skip = tl.load(D_ptr + h).to(tl.float32)
-        dt_bias = tl.load(dt_bias_ptr + h).to(tl.float64)
-        _triton.pdl_wait(PDL)
-        t = tl.load(step_ptr)
-        z_row = zxbcdt_ptr + r * stride_zr
-        xbc_row = z_row + d_inner
-        cs_row = conv_state_ptr + r * stride_cr
-        hx_dtype = hx_ptr.dtype.element_ty
-
-        # this step's inputs, rounded to the histories' dtype as later steps will read them
-        B_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + g * N + n, S, stride_cc,
-                                stride_cs, stride_wc, stride_wk, W, HAS_BIAS).to(hx_dtype)
-        C_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + GN + g * N + n, S, stride_cc,
-                                stride_cs, stride_wc, stride_wk, W, HAS_BIAS)
-        score_t = tl.sum(B_t.to(tl.float32) * C_t, axis=0)
-        # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
-        dt = tl.load(z_row + 2 * d_inner + 2 * GN + h).to(tl.float64) + dt_bias
-        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
-        row_ht = r * T * H                                                            # (R, T, H) arrays
-        cum_t = tl.load(hcum_ptr + row_ht + (t - 1) * H + h, mask=(t > 0) & (h < H), other=0.0) - dt * neg_A
-
-        hB_row = hB_ptr + r * T * GN + g * N
-        # pass 1: w[s, h] = (C_t . B_s) exp(cum_t - cum_s) dt_s for s < t into this program's rows of
-        # the float32 scratch, so that pass 2's loop is a plain weighted sum (no cross-thread work)
-        s_in = tl.arange(0, BLOCK_W)
-        for s0 in range(0, t, BLOCK_W):
-            s = s0 + s_in
-            past = s < t
-            B_s = tl.load(hB_row + s[:, None] * GN + n[None, :], mask=past[:, None], other=0.0)
-            scores = tl.sum(B_s.to(tl.float32) * C_t[None, :], axis=1)
-            sh = row_ht + s[:, None] * H + h[None, :]
-            cum_s = tl.load(hcum_ptr + sh, mask=past[:, None], other=0.0)
-            dt_s = tl.load(hdt_ptr + sh, mask=past[:, None], other=0.0)
-            w = scores[:, None] * tl.exp(tl.where(past[:, None], cum_t[None, :] - cum_s, float("-inf"))) * dt_s
-            tl.store(w_ptr + sh, w, mask=past[:, None])
-        tl.debug_barrier()  # pass 2 reads weights other threads of this program wrote
-        # pass 2: (BLOCK_S * HEADS, P) tiles of the x history (HEADS * P contiguous elements per entry),
-        # float32 products accumulated elementwise, reduced once after the loop
-        K: tl.constexpr = BLOCK_S * HEADS
-        e = tl.arange(0, K)
-        he = hb * HEADS + e % HEADS
-        acc = tl.zeros((K, P), dtype=tl.float32)
-        for s0 in range(0, t, BLOCK_S):
-            se = s0 + e // HEADS
-            past = se < t
-            sh = row_ht + se * H + he
-            w = tl.load(w_ptr + sh, mask=past, other=0.0)
-            x_s = tl.load(hx_ptr + sh[:, None] * P + p[None, :], mask=past[:, None], other=0.0)
-            acc += w[:, None] * x_s.to(tl.float32)
-        # the x channels' conv only now: fewer live registers in the loops
-        ch = h[:, None] * P + p[None, :]                                              # (HEADS, P) x channels
-        x_t = decode._conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, ch, S, stride_cc, stride_cs, stride_wc,
-                                stride_wk, W, HAS_BIAS).to(hx_dtype)
-        y = tl.sum(tl.reshape(acc, (BLOCK_S, HEADS, P)), axis=0) + (score_t * dt + skip)[:, None] * x_t.to(tl.float32)
-        zg = tl.load(z_row + ch).to(tl.float32)
-        v = y * zg * tl.sigmoid(zg)
-        tl.store(v_ptr + r * d_inner + ch, v)
-        tl.store(sumsq_ptr + r * tl.num_programs(1) + hb, tl.sum(tl.sum(v * v, axis=1), axis=0))
-
-        if t < T:
-            tl.store(hx_ptr + (row_ht + t * H + h[:, None]) * P + p[None, :], x_t)
-            tl.store(hdt_ptr + row_ht + t * H + h, dt)
-            tl.store(hcum_ptr + row_ht + t * H + h, cum_t)
-            if (hb * HEADS) % HEADS_PER_GROUP == 0:
-                tl.store(hB_row + t * GN + n, B_t)
-        decode._shift_conv_state(xbc_row, cs_row, hb * HEADS * P + tl.arange(0, HEADS * P), S, stride_cc,
-                                 stride_cs, BLOCK_SS)
-
-
-def mamba2_replay_step_triton(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
-                              hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                              A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float,
-                              headdim: int, ngroups: int, out_weight: Optional[Tensor] = None,
-                              config: Optional[tuple[int, int, int]] = None) -> Tensor:
-    """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests).
-
-    config: (HEADS, BLOCK_S, WARPS) instead of `launch_config`'s choice (tests, tuning).
-    """
-    args = (zxbcdt, conv_state, hist_x, hist_B, hist_dt, hist_cum, step, conv_weight, conv_bias, A_log, D, dt_bias,
-            norm_weight, eps, headdim, ngroups, out_weight)
-    reasons = not_supported_reasons(*args)
-    if reasons:
-        raise ValueError("the Triton mamba2_replay_step cannot run these inputs: " + "; ".join(reasons))
-    rows, T, h, p = hist_x.shape
-    n = hist_B.shape[3]
-    d_inner = h * p
-    heads, block_s, warps = config or launch_config(rows, h, ngroups, p, hist_x.dtype, zxbcdt.device)
-    fused_out = out_weight is not None and not decode.fused_out_reasons(
-        rows, d_inner, ngroups, out_weight, zxbcdt.dtype, norm_weight.element_size())
-    out, v, sumsq = decode._alloc_outputs(rows, d_inner, out_weight.shape[0] if fused_out else d_inner, h // heads,
-                                          zxbcdt.dtype, zxbcdt.device)
-    if rows == 0:
-        return out if out_weight is None or fused_out else zxbcdt.new_empty(0, out_weight.shape[0])
-    conv_weight, A_log, D, dt_bias, norm_weight = (t.contiguous()
-                                                   for t in (conv_weight, A_log, D, dt_bias, norm_weight))
-    conv_bias = conv_bias.contiguous() if conv_bias is not None else None
-    state_len = conv_state.shape[2]
-    _replay_kernel[(rows, h // heads)](
-        zxbcdt, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, A_log, D, dt_bias,
-        hist_x, hist_B, hist_dt, hist_cum, step, torch.empty(rows, T, h, device=zxbcdt.device), v, sumsq,
-        zxbcdt.stride(0), *conv_state.stride(), *conv_weight.stride(), state_len, T, h, ngroups * n, h // ngroups,
-        P=p, N=n, W=conv_weight.shape[1], HEADS=heads, BLOCK_S=block_s, BLOCK_W=32,
-        BLOCK_SS=triton.next_power_of_2(state_len), HAS_BIAS=conv_bias is not None, num_warps=warps,
-        **_triton.launch_options(zxbcdt.device))
-    return decode.norm_out(zxbcdt, conv_state, v, sumsq, norm_weight, eps, out_weight, out, fused_out, ngroups, n)
-
-
-_ext.register_backend(_mamba2_replay_step, "triton", device_type="cuda", impl=mamba2_replay_step_triton,
-                      not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
-
-
-def mamba2_replay_step(zxbcdt: Tensor, conv_state: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
-                       hist_cum: Tensor, step: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                       A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, eps: float, headdim: int,
-                       ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
-    """One Mamba2 decode step in replay form, from the in_proj output to the out_proj input (or, with
-    `out_weight`, the mixer output): `mamba2_decode_step` with the SSM state replaced by this
-    sequence's histories (`allocate_replay_history`), appended at index `step` (0-dim int64 tensor on
-    the device, in [0, T)). conv_state (R, conv_dim, S) is updated in place as in the state form.
-    """
-    rows, d_inner, nheads, d_state = decode.check_step_args(zxbcdt, conv_state, conv_weight, conv_bias, A_log, D,
-                                                            dt_bias, norm_weight, headdim, ngroups, out_weight)
-    dev = zxbcdt.device
-    check_tensor("hist_x", hist_x, (rows, None, nheads, headdim), device=dev)
-    T = hist_x.shape[1]
-    if T < 1:
-        raise ValueError("the histories must hold at least one step (hist_x.shape[1] >= 1)")
-    check_tensor("hist_B", hist_B, (rows, T, ngroups, d_state), device=dev)
-    check_tensor("hist_dt", hist_dt, (rows, T, nheads), device=dev, dtypes=HIST_STAT_DTYPES)
-    check_tensor("hist_cum", hist_cum, (rows, T, nheads), device=dev, dtypes=HIST_STAT_DTYPES)
-    check_tensor("step", step, (), device=dev, dtypes=(torch.int64,))
-    return _mamba2_replay_step(zxbcdt, conv_state, hist_x, hist_B, hist_dt, hist_cum, step, conv_weight, conv_bias,
-                               A_log, D, dt_bias, norm_weight, float(eps), headdim, ngroups, out_weight)
-
-
-__all__ = ["allocate_replay_history", "launch_config", "mamba2_replay_step", "mamba2_replay_step_ref",
-           "mamba2_replay_step_triton", "not_supported_reasons", "ssd_replay_step", "ssd_replay_step_ref"]
+__all__ = ["allocate_replay_history", "launch_config", "not_supported_reasons", "ssd_replay_step",
+           "ssd_replay_step_ref", "ssd_replay_step_triton"]

@@ -3,9 +3,10 @@ the out_proj input, in the two forms generation chooses between (aim/generation.
 
 - state: `mamba2_decode_step` (conv update + SSM state update + gated RMSNorm). Bytes: the fp32 SSM
   state read and written, plus the step's inputs and outputs.
-- replay at step t: `mamba2_replay_step` (conv update + the SSD form over this sequence's t earlier
-  entries + gated RMSNorm). Bytes: the t history entries read (x, B in the model dtype; dt, cum in
-  float32), plus the step's inputs, appends and outputs. t = 128 is the mean over AiM's 256 steps.
+- replay at step t: what aim/model.py runs in that form: causal_conv1d_update, `ssd_replay_step`
+  (the SSD form over this sequence's t earlier entries: two Triton kernels) and rmsnorm_gated. Bytes:
+  the t history entries read (x, B in the model dtype; dt, cum in float32), plus the step's inputs,
+  appends and outputs. t = 128 is the mean over AiM's 256 steps.
 
 Device time per call from CUDA-graph replay (benchmarks/_common.py), inputs rotated over sets larger than
 the L2 where one set is smaller. Appends rows to benchmarks/results.jsonl (and --out).
@@ -47,7 +48,7 @@ def make_set(h: int, dtype: torch.dtype, t: int) -> dict:
     return dict(zxbcdt=zxbcdt.to(dtype), conv_state=torch.randn(ROWS, conv_dim, W - 1, device=dev).to(dtype),
                 ssm_state=torch.randn(ROWS, h, P, N, device=dev), hist=hist,
                 step=torch.tensor(t, device=dev), conv_weight=torch.randn(conv_dim, W, device=dev).to(dtype) * 0.5,
-                conv_bias=torch.randn(conv_dim, device=dev).to(dtype) * 0.1, A_log=A_log,
+                conv_bias=torch.randn(conv_dim, device=dev).to(dtype) * 0.1, A_log=A_log, A=-torch.exp(A_log),
                 D=torch.randn(h, device=dev).to(dtype), dt_bias=torch.randn(h, device=dev).to(dtype) * 0.1 - 4,
                 norm_weight=torch.ones(d_inner, device=dev, dtype=dtype))
 
@@ -58,8 +59,13 @@ def run_state(s, h):
 
 
 def run_replay(s, h):
-    return ak.mamba2_replay_step(s["zxbcdt"], s["conv_state"], *s["hist"], s["step"], s["conv_weight"],
-                                 s["conv_bias"], s["A_log"], s["D"], s["dt_bias"], s["norm_weight"], 1e-5, P, 1)
+    d_inner = h * P
+    z, xBC, dt = s["zxbcdt"].split([d_inner, d_inner + 2 * N, h], -1)
+    xBC = ak.causal_conv1d_update(xBC, s["conv_state"], s["conv_weight"], s["conv_bias"], "silu")
+    x, B, C = xBC.split([d_inner, N, N], -1)
+    y = ak.ssd_replay_step(x.unflatten(-1, (h, P)), dt, s["A"], B.unflatten(-1, (1, N)), C.unflatten(-1, (1, N)),
+                           s["D"], s["dt_bias"], *s["hist"], s["step"])
+    return ak.rmsnorm_gated(y.flatten(-2), z, s["norm_weight"], 1e-5, d_inner)
 
 
 def step_bytes(h: int, es: int, form: str, t: int) -> int:

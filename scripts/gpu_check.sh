@@ -73,7 +73,7 @@ step gpu_tests "$RES/tests.log" 300 $PY -m pytest -m gpu ${GPU_TESTS:-tests} -q 
 # ---- 4. compute-sanitizer ------------------------------------------------------------------------------
 KERNEL_TESTS="tests/test_causal_conv1d.py tests/test_decode.py::test_triton_gpu_steps tests/test_decode.py::test_triton_gpu_out_proj
   tests/test_norm_triton.py tests/test_sampling_triton.py tests/test_gemv.py::test_prologue_cuda
-  tests/test_group_norm.py::test_cuda_large_mean tests/test_replay_step.py::test_triton_gpu_late_step"  # no CUDA-graph tests: capture needs the caching allocator
+  tests/test_group_norm.py::test_cuda_large_mean tests/test_replay.py::test_triton_gpu_steps"  # no CUDA-graph tests: capture needs the caching allocator
 SMEM_TESTS_K="bwd"   # kernels with shared memory: the causal conv backward's block reduction
 if [ -z "${SKIP_SANITIZER:-}" ]; then
   CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")

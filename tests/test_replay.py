@@ -1,13 +1,14 @@
-"""Tests for the SSD-form SSM step (aim_kernels/replay.py's ssd_replay_step, reference only): against
-the recurrent step (selective_state_update) and the chunked scan in float64, and the op's checks. The
-fused step built on it (mamba2_replay_step) and its kernels: tests/test_replay_step.py."""
+"""Tests for the SSD-form decode step (aim_kernels/replay.py): the reference against the recurrent
+step (selective_state_update) and the chunked scan in float64, the op's checks, and the Triton kernel
+(interpreter on CPU, the registered op on CUDA) against the float64 reference."""
 import math
 
 import pytest
 import torch
 
 import aim_kernels.replay as replay
-from aim_kernels.replay import allocate_replay_history, ssd_replay_step
+from aim_kernels import _ext, _triton
+from aim_kernels.replay import allocate_replay_history, ssd_replay_step, ssd_replay_step_ref
 from aim_kernels.ssm import selective_state_update, ssd_chunk_scan
 
 F64 = torch.float64
@@ -160,3 +161,180 @@ def test_validation_errors():
     fails(TypeError, 11, torch.tensor(0.0), "step must have dtype")
     fails(ValueError, 11, torch.tensor(0, device="meta"), "step is on meta")
     fails(TypeError, 5, [1.0] * 4, "D must be a torch.Tensor")
+
+
+# ---- Triton ---------------------------------------------------------------------------------------
+
+def poisoned_outputs(monkeypatch):
+    """Make the kernel's output and partial-sum buffers start as NaN."""
+    alloc = replay._alloc_outputs
+    monkeypatch.setattr(replay, "_alloc_outputs", lambda *a, **k: tuple(t.fill_(float("nan")) for t in alloc(*a, **k)))
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def check_triton_steps(seq, dtype, max_len, device, config=None, steps=None):
+    """Run the Triton path over the sequence on stale histories; compare every step's y and the
+    histories with the float64 reference run on the same (dtype-rounded) inputs."""
+    seq_in = {k: v.to(device, torch.float32 if k == "A" else dtype) for k, v in seq.items()}
+    seq_ref = {k: v.double().cpu() for k, v in seq_in.items()}
+    hist = histories(seq_in, max_len, dtype, device=device)
+    hist_ref = [t.double().cpu() for t in hist]  # the same stale garbage
+    step, step_ref = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), dtype=torch.long)
+    if device == "cpu":
+        fn = lambda *a: replay.ssd_replay_step_triton(*a, config=config)  # noqa: E731
+    else:
+        args = (*step_args(seq_in, 0, dtype), *hist, step)
+        assert replay.not_supported_reasons(*args) == []
+        assert _ext.backend_for(replay._ssd_replay_step, *args) == "triton"
+        fn = ssd_replay_step
+    y = run_steps(fn, seq_in, hist, step, dtype, steps)
+    y_ref = run_steps(ssd_replay_step_ref, seq_ref, hist_ref, step_ref, F64, steps)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert not y.isnan().any()
+    for t in range(y.shape[1]):
+        assert rel_err(y[:, t], y_ref[:, t]) < TOL[dtype], t
+    T = y.shape[1]
+    for got, exp in zip(hist, hist_ref):
+        assert rel_err(got[:, :T], exp[:, :T]) < 1e-6
+        assert torch.equal(got[:, T:].cpu().double().nan_to_num(), exp[:, T:].nan_to_num())  # untouched
+    return y
+
+
+def needs_interpreter():
+    if not _triton.interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+
+
+# (rows, T, heads, headdim, groups, d_state, extra, dtype, config (HEADS, BLOCK_S, SPLITS, WARPS) or None)
+INTERPRETER_CASES = [
+    (3, 17, 6, 16, 2, 16, 3, torch.float32, None),
+    (1, 17, 2, 4, 1, 8, 0, torch.float32, (2, 4, 3, 4)),
+    (3, 9, 6, 16, 1, 8, 2, torch.float32, (4, 4, 2, 2)),
+    (2, 17, 6, 16, 2, 16, 3, torch.bfloat16, (2, 8, 2, 4)),
+    (1, 5, 2, 16, 1, 16, 0, torch.float16, None),
+]
+
+
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_interpreter(case, monkeypatch):
+    needs_interpreter()
+    rows, T, h, p, g, n, extra, dtype, config = case
+    poisoned_outputs(monkeypatch)
+    check_triton_steps(sequence(rows, T, h, p, g, n), dtype, T + extra, "cpu", config)
+
+
+def test_triton_interpreter_strided_inputs(monkeypatch):
+    """x, dt, B, C as the model passes them: views into one in_proj/conv output row."""
+    needs_interpreter()
+    poisoned_outputs(monkeypatch)
+    rows, T, h, p, g, n = 2, 6, 4, 8, 2, 16
+    seq = sequence(rows, T, h, p, g, n)
+    packed = torch.cat([seq["x"].flatten(2), seq["B"].flatten(2), seq["C"].flatten(2), seq["dt"]], dim=-1)
+    x, B, C, dt = packed.split([h * p, g * n, g * n, h], dim=-1)
+    seq.update(x=x.unflatten(-1, (h, p)), B=B.unflatten(-1, (g, n)), C=C.unflatten(-1, (g, n)), dt=dt)
+    assert seq["x"][:, 0].stride(0) != h * p
+    check_triton_steps(seq, torch.float32, T, "cpu")
+
+
+def test_triton_interpreter_nan_fails():
+    """The comparison catches a NaN in the result (so the poisoned-buffer tests can fail)."""
+    needs_interpreter()
+    seq = sequence(1, 3, 2, 4, 1, 8)
+    seq["x"][0, 1, 0, 0] = float("nan")
+    with pytest.raises(AssertionError):
+        check_triton_steps(seq, torch.float32, 3, "cpu")
+
+
+def test_not_supported_reasons():
+    seq = sequence(2, 4, 4, 8, 1, 8, dtype=torch.float32)
+    hist = histories(seq, 4, torch.float32)
+    args = [*step_args(seq, 0, torch.float32), *hist, torch.tensor(0)]
+
+    def reasons(pos, value):
+        bad = list(args)
+        bad[pos] = value
+        return " ".join(replay.not_supported_reasons(*bad))
+
+    assert "hist_cum is torch.float64" in reasons(10, hist[3].double())
+    assert "x is torch.float64" in reasons(0, args[0].double())
+    assert "hist_x is not contiguous" in reasons(7, hist[0].transpose(0, 1).contiguous().transpose(0, 1))
+    assert "headdim 6 is not a power of two" in reasons(0, torch.randn(2, 4, 6))
+    assert "d_state 12 is not a power of two" in reasons(3, torch.randn(2, 1, 12))
+    if _triton.interpreting():
+        assert replay.not_supported_reasons(*args) == []
+        with pytest.raises(ValueError, match="cannot run these inputs"):
+            replay.ssd_replay_step_triton(*args[:10], hist[3].double(), args[11])
+    else:
+        assert "not a CUDA device" in " ".join(replay.not_supported_reasons(*args))
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+
+def aim_history(rows, T, h, p, g, n, upto, dtype):
+    """A valid history for steps < upto at AiM shapes, garbage beyond (built directly, not stepped)."""
+    seq = sequence(rows, T, h, p, g, n, dtype=torch.float32, device="cuda")
+    seq["dt"] = seq["dt"] - 3.0  # typical decode dts: softplus(.) ~ 0.01-0.2
+    hist = [garbage_(t) for t in allocate_replay_history(rows, T, h, p, g, n, "cuda", dtype)]
+    dt = torch.nn.functional.softplus(seq["dt"] + seq["dt_bias"])
+    hist[0][:, :upto] = seq["x"][:, :upto].to(dtype)
+    hist[1][:, :upto] = seq["B"][:, :upto].to(dtype)
+    hist[2][:, :upto] = dt[:, :upto]
+    hist[3][:, :upto] = torch.cumsum(dt * seq["A"], dim=1)[:, :upto]
+    return seq, hist
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [0, 1, 100, 255])
+def test_triton_gpu_aim_shapes(t, dtype, monkeypatch):
+    poisoned_outputs(monkeypatch)
+    rows, T, h, p, g, n = 128, 256, 48, 64, 1, 128
+    seq, hist = aim_history(rows, T, h, p, g, n, t, dtype)
+    args = step_args(seq, t, dtype)
+    step = torch.tensor(t, device="cuda")
+    assert replay.not_supported_reasons(*args, *hist, step) == []
+    assert _ext.backend_for(replay._ssd_replay_step, *args, *hist, step) == "triton"
+    hist_ref = [v.double() for v in hist]
+    y_ref = ssd_replay_step_ref(*(v.double() for v in args), *hist_ref, step)
+    y = ssd_replay_step(*args, *hist, step)
+    assert y.dtype == dtype and not y.isnan().any()
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for got, exp in zip(hist, hist_ref):  # the appended entry; the stale ones untouched
+        assert rel_err(got[:, t], exp[:, t]) < 1e-6
+        assert torch.equal(got[:, t + 1:].double().nan_to_num(), exp[:, t + 1:].nan_to_num())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,h", [(2, 48), (32, 24), (128, 32)])
+def test_triton_gpu_steps(rows, h, monkeypatch):
+    """Whole sequences step by step (the launch configs of small and large R) stay with the reference."""
+    poisoned_outputs(monkeypatch)
+    check_triton_steps(sequence(rows, 40, h, 64, 1, 128), torch.float32, 64, "cuda")
+
+
+@pytest.mark.gpu
+def test_triton_gpu_cuda_graph():
+    """One step captured in a CUDA graph, replayed with the device step counter, equals the chunked scan."""
+    rows, T, h, p, g, n = 4, 33, 8, 64, 1, 128
+    seq = sequence(rows, T, h, p, g, n, dtype=torch.float32, device="cuda")
+    hist = histories(seq, T, torch.float32, device="cuda")
+    step = torch.zeros((), dtype=torch.long, device="cuda")
+    inputs = [a.clone() for a in step_args(seq, 0)]
+    y = ssd_replay_step(*inputs, *hist, step)  # warm up (compilation) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    step.zero_()
+    with torch.cuda.graph(graph):
+        y = ssd_replay_step(*inputs, *hist, step)
+        step += 1
+    step.zero_()
+    ys = []
+    for t in range(T):
+        for buf, new in zip(inputs, step_args(seq, t)):
+            buf.copy_(new)
+        graph.replay()
+        ys.append(y.clone())
+    assert step.item() == T
+    seq64 = {k: v.double().cpu() for k, v in seq.items()}
+    assert rel_err(torch.stack(ys, dim=1), chunked(seq64)) < 1e-5
