@@ -219,6 +219,27 @@ def group_norm_section(gpu: str, rows: list[dict]) -> list[str]:
     return lines
 
 
+def decode_step_section(gpu: str, rows: list[dict]) -> list[str]:
+    """One layer's decode step at 128 rows: the state form and the replay form at steps t."""
+    meta = rows[0]
+    copy = next((r for r in rows if r["case"] == "copy"), None)
+    lines = [f"### {gpu}", "",
+             f"Run `{meta['run_id']}` ({meta['timestamp']}, git {meta.get('git') or '?'}): torch {meta.get('torch')}, "
+             f"Triton {meta.get('triton')}" + (f", copy ceiling measured {copy['copy_tbps_measured']:.2f} TB/s" if copy
+                                               else "") + ". "
+             "One Mamba2 layer, batch 64 with CFG (128 rows), from the in_proj output to the out_proj input. "
+             "state: `mamba2_decode_step` (bytes: the fp32 SSM state read and written + the step's I/O); replay at "
+             "step t: conv update + `ssd_replay_step` + gated RMSNorm, as the model runs it (bytes: t history "
+             "entries read + the step's I/O). Device time per call (CUDA-graph replay, median).", "",
+             "| model | weights | form | t | us | GB/s | % copy (measured) | % of 4.25 TB/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["case"] == "step"):
+        t = r["shape"]["t"] if r["backend"] != "state" else "-"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['backend']} | {t} | {r['median_us']:.1f} | {r['gbps']:.0f} | {100 * r['frac_copy_measured']:.0f}% | "
+                     f"{100 * r['frac_h200_copy']:.0f}% |")
+    return lines + [""]
+
+
 def latest_per_config(rows: list[dict]) -> list[dict]:
     """The latest "tokens" row of each (model, weights, batch), from whichever run measured it last."""
     best = {}
@@ -276,6 +297,11 @@ def render(rows: list[dict], plot_dir: Path) -> str:
     notes = ROOT / "benchmarks" / "notes_generate.md"
     if gen and notes.exists():
         lines += [notes.read_text().strip(), ""]
+    steps = {gpu: r for (k, gpu), r in runs.items() if k == "decode_step"}
+    if steps:
+        lines += ["## Decode step (one layer, batch 64)", ""]
+    for gpu, rr in sorted(steps.items()):
+        lines += decode_step_section(gpu, rr)
     conv = {gpu: r for (k, gpu), r in runs.items() if k == "causal_conv1d"}
     lines += ["## causal conv1d", ""]
     if not conv:
