@@ -31,6 +31,10 @@ from .norm import _add_rmsnorm_modulate, add_rmsnorm_modulate_ref
 from ._triton import tl, triton
 
 MAX_ROWS = 8
+# float32 weights from MAX_ROWS + 1 rows up to here (batch 256 with CFG) go to a split-K Triton GEMM on
+# 3xTF32 tensor-core products (float32-accurate): cuBLAS' float32 GEMM runs on the FMA units, 1.2-1.7x
+# slower on AiM's projections at 32-512 rows (H200, scripts/explore_gemm.py). bf16 stays on cuBLAS.
+MAX_GEMM_ROWS = 512
 TILE_ELEMENTS = 8192  # weight elements per program: 64 per thread at 4 warps
 NUM_WARPS = 4
 # A fused kernel rebuilds its input rows in every program: that L2 traffic, relative to the weight
@@ -90,11 +94,12 @@ def not_supported_reasons(x: Tensor, weight: Tensor) -> list[str]:
     reasons = _triton.reasons(x.device) + _triton.dtype_reasons(x=x, weight=weight)
     if x.dim() != 2:
         reasons.append(f"x is {x.dim()}-D; the GEMV takes (rows, in_features)")
-    elif x.shape[0] > MAX_ROWS:
-        reasons.append(f"{x.shape[0]} rows > {MAX_ROWS}: cuBLAS (the reference) is faster when rows reuse weights")
+    elif x.shape[0] > MAX_ROWS and (x.dtype != torch.float32 or x.shape[0] > MAX_GEMM_ROWS):
+        reasons.append(f"{x.shape[0]} rows: the GEMV takes <= {MAX_ROWS} rows and the 3xTF32 GEMM float32 with "
+                       f"<= {MAX_GEMM_ROWS}; cuBLAS (the reference) is faster here")
     if x.dtype != weight.dtype:
         reasons.append(f"x is {x.dtype} but weight is {weight.dtype}")
-    if x.shape[-1] > TILE_ELEMENTS:
+    if x.shape[-1] > TILE_ELEMENTS and x.shape[0] <= MAX_ROWS:
         reasons.append(f"in_features {x.shape[-1]} > {TILE_ELEMENTS} (one weight row per tile at most)")
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         reasons.append("x's or weight's last dimension is not contiguous")
@@ -116,8 +121,70 @@ if triton is not None:
             tl.store(out_ptr + r * N + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
+    @triton.jit
+    def _gemm_tf32x3_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, K_PER_SPLIT,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[split] (M, N) = x[:, ks] @ w[:, ks].T over this program's K range ks, float32 operands
+        as 3xTF32 tensor-core products (hi*hi + hi*lo + lo*hi), float32 accumulation."""
+        m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.arange(0, BLOCK_K)
+        split = tl.program_id(2)
+        k_lo = split * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
+            kk = k0 + k
+            x = tl.load(x_ptr + m[:, None] * stride_xm + kk[None, :], mask=(m[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)
+            w = tl.load(w_ptr + n[None, :].to(tl.int64) * stride_wn + kk[:, None],
+                        mask=(n[None, :] < N) & (kk[:, None] < K), other=0.0)
+            acc = tl.dot(x, w, acc, input_precision="tf32x3")
+        tl.store(out_ptr + (split * M + m[:, None]).to(tl.int64) * N + n[None, :], acc,
+                 mask=(m[:, None] < M) & (n[None, :] < N))
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):  # in split order: deterministic, unlike atomics
+            acc += tl.load(part_ptr + s * numel + i, mask=mask, other=0.0)
+        tl.store(out_ptr + i, acc, mask=mask)
+
+
+GEMM_BLOCK_K = 32
+
+
+def gemm_config(rows: int, n: int, k: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, SPLITS) of the 3xTF32 GEMM: 64 x 64 tiles (32 rows at <= 32), K split in
+    up to 8 ranges of >= 128 until the grid has 2 programs per SM (the best configurations measured
+    per shape were within 10% of this rule)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    block_m, block_n = (32 if rows <= 32 else 64), 64
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(rows, block_m)
+    splits = 1
+    while splits < 8 and tiles * splits < 2 * sms and k // (2 * splits) >= 128:
+        splits *= 2
+    return block_m, block_n, splits
+
+
 def _alloc_output(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(rows, n, dtype=dtype, device=device)
+
+
+def _gemm_tf32x3(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    rows, k = x.shape
+    n = weight.shape[0]
+    block_m, block_n, splits = gemm_config(rows, n, k, x.device)
+    part = out if splits == 1 else _alloc_output(splits * rows, n, torch.float32, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), GEMM_BLOCK_K) * GEMM_BLOCK_K
+    _gemm_tf32x3_kernel[(triton.cdiv(n, block_n), triton.cdiv(rows, block_m), splits)](
+        x, weight, part, rows, n, k, x.stride(0), weight.stride(0), k_per_split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GEMM_BLOCK_K, num_warps=4, num_stages=3)
+    if splits > 1:
+        _sum_splits_kernel[(triton.cdiv(out.numel(), 1024),)](part, out, out.numel(), SPLITS=splits, BLOCK=1024,
+                                                              num_warps=4)
+    return out
 
 
 def linear_triton(x: Tensor, weight: Tensor) -> Tensor:
@@ -130,6 +197,8 @@ def linear_triton(x: Tensor, weight: Tensor) -> Tensor:
     out = _alloc_output(rows, n, x.dtype, x.device)
     if rows == 0 or n == 0:
         return out
+    if rows > MAX_ROWS:
+        return _gemm_tf32x3(x, weight, out)
     block_n, block_k = tile_shape(k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, out, n, k, x.stride(0), weight.stride(0), ROWS=rows,
                                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
@@ -169,6 +238,8 @@ def add_rmsnorm_modulate_linear_not_supported_reasons(x: Tensor, residual: Optio
                                                       x_gate: Optional[Tensor], weight: Tensor) -> list[str]:
     """Why the fused Triton kernel cannot run these inputs; empty list: it can."""
     reasons = not_supported_reasons(x, weight)
+    if x.dim() == 2 and MAX_ROWS < x.shape[0] <= MAX_GEMM_ROWS:
+        reasons.append(f"{x.shape[0]} rows > {MAX_ROWS}: the prologue is fused into the GEMV only")
     reasons += _triton.dtype_reasons(residual=residual, norm_weight=norm_weight, shift=shift, scale=scale,
                                      x_gate=x_gate)
     inputs = (("residual", residual), ("shift", shift), ("scale", scale), ("x_gate", x_gate))
@@ -252,7 +323,8 @@ _ext.register_backend(_add_rmsnorm_modulate_linear, "triton", device_type="cuda"
 # ---- public API --------------------------------------------------------------------------------
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x (..., in_features) @ weight (out_features, in_features).T, no bias; a GEMV for <= MAX_ROWS rows."""
+    """x (..., in_features) @ weight (out_features, in_features).T, no bias. On CUDA: a GEMV for <= MAX_ROWS
+    rows, a 3xTF32 GEMM for float32 up to MAX_GEMM_ROWS rows, else cuBLAS."""
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor of shape (..., in_features)")
     check_tensor("weight", weight, (None, x.shape[-1]), device=x.device)
@@ -278,5 +350,5 @@ def add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weig
     return _add_rmsnorm_modulate_linear(x, residual, norm_weight, shift, scale, float(eps), x_gate, weight)
 
 
-__all__ = ["add_rmsnorm_modulate_linear", "add_rmsnorm_modulate_linear_ref", "linear", "linear_ref", "linear_triton",
-           "not_supported_reasons"]
+__all__ = ["add_rmsnorm_modulate_linear", "add_rmsnorm_modulate_linear_ref", "gemm_config", "linear", "linear_ref",
+           "linear_triton", "not_supported_reasons"]

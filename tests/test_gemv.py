@@ -1,4 +1,5 @@
-"""The decode GEMV (aim_kernels.linear) against float64, on the interpreter and on the GPU."""
+"""aim_kernels.linear's Triton paths (the decode GEMV; the float32 3xTF32 GEMM at 9-512 rows) against
+float64, on the interpreter and on the GPU."""
 import pytest
 import torch
 
@@ -52,12 +53,15 @@ def test_bad_input_is_rejected():
 @needs_triton
 def test_not_supported_reasons():
     x, w = operands(2, 8, 4, torch.float32, "cpu")
-    assert gemv.not_supported_reasons(torch.randn(9, 8), w)[-1].startswith("9 rows > 8")
+    assert gemv.not_supported_reasons(torch.randn(9, 8), w) == []  # float32: the 3xTF32 GEMM
+    assert "9 rows" in gemv.not_supported_reasons(torch.randn(9, 8).half(), w.half())[-1]
+    assert "513 rows" in gemv.not_supported_reasons(torch.randn(513, 8), w)[-1]
     assert any("float64" in r for r in gemv.not_supported_reasons(x.double(), w.double()))
     assert any("in_features" in r for r in gemv.not_supported_reasons(*operands(1, 8193, 2, torch.float32, "cpu")))
+    assert gemv.not_supported_reasons(*operands(9, 8193, 2, torch.float32, "cpu")) == []
     assert any("-D" in r for r in gemv.not_supported_reasons(x[None], w))
     with pytest.raises(ValueError, match="cannot run these inputs"):
-        gemv.linear_triton(torch.randn(9, 8), w)
+        gemv.linear_triton(torch.randn(9, 8).half(), w.half())
 
 
 @needs_triton
@@ -83,7 +87,41 @@ def test_cuda_dispatch_uses_triton(rows, k, n, dtype, monkeypatch):
     assert _ext.backend_for(gemv._linear, x, w) == "triton"
     assert rel_err(ak.linear(x, w), x.double() @ w.double().t()) < TOL[dtype]
     x9 = torch.randn(9, k, device="cuda").to(dtype)
-    assert _ext.backend_for(gemv._linear, x9, w) == "reference"
+    assert _ext.backend_for(gemv._linear, x9, w) == ("triton" if dtype == torch.float32 else "reference")
+
+
+def test_gemm_config():
+    """Small grids split K (up to 8 ranges of >= 128); big ones do not."""
+    cpu = torch.device("cpu")
+    assert gemv.gemm_config(32, 768, 1536, cpu) == (32, 64, 8)
+    assert gemv.gemm_config(128, 6448, 1536, cpu) == (64, 64, 2)
+    assert gemv.gemm_config(512, 6448, 1536, cpu) == (64, 64, 1)
+    assert gemv.gemm_config(100, 10, 200, cpu)[2] == 1  # K too short to split
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (the GPU test covers CUDA)")
+@pytest.mark.parametrize("rows,k,n", [(9, 7, 5), (33, 300, 70), (70, 1000, 17), (130, 129, 65)])
+def test_gemm_interpreter(rows, k, n, monkeypatch):
+    poisoned_output(monkeypatch)
+    x, w = operands(rows, k, n, torch.float32, "cpu")
+    out = gemv.linear_triton(x, w)
+    assert out.shape == (rows, n) and out.dtype == torch.float32
+    assert rel_err(out, x.double() @ w.double().t()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [9, 32, 128, 300, 512])
+@pytest.mark.parametrize("k,n", [(768, 3352), (1536, 768), (3072, 1536), (1024, 16384), (999, 77)])
+def test_gemm_cuda(rows, k, n, monkeypatch):
+    """float32 at 9..512 rows: the split-K 3xTF32 GEMM, float32-accurate (the target: fp32 path 1e-5)."""
+    poisoned_output(monkeypatch)
+    x, w = operands(rows, k, n, torch.float32, "cuda")
+    assert _ext.backend_for(gemv._linear, x, w) == "triton"
+    ref = x.double() @ w.double().t()
+    out = ak.linear(x, w)
+    assert rel_err(out, ref) < 1e-6
+    assert torch.equal(ak.linear(x, w), out)  # deterministic (no atomics)
 
 
 def _chain(x, weights):
