@@ -29,7 +29,7 @@ def aim_b_layers(n_layer: int, **overrides) -> AiM:
 def reference_and_inputs(request):
     model = aim_b_layers(4)
     labels = torch.tensor([3, 999, 512, 7, 0][:request.param])
-    tokens = torch.randint(model.config.vocab_size, (3, model.config.num_tokens))
+    tokens = torch.randint(model.config.vocab_size, (len(labels), model.config.num_tokens))
     ref64 = copy.deepcopy(model).double().cuda()
     _, logits = ref64.generate_tokens(labels, cfg_scale=1.75, forced_tokens=tokens, return_logits=True)
     return model, labels, tokens, logits
