@@ -1,8 +1,12 @@
-"""Exploration (not part of the suite): the decode projections at 16-512 rows (batch 8-256 with CFG),
-cuBLAS vs a Triton tl.dot GEMM (bf16; fp32 through 3xTF32, float32-accurate), device time per call in a
-CUDA graph over weights that do not fit in L2 together."""
+"""Exploration (not part of the suite): the decode projections at 32-512 rows (batch 16-256 with CFG),
+cuBLAS vs a split-K Triton tl.dot GEMM (fp32 through 3xTF32, float32-accurate; with `bf16`, bf16),
+device time per call in a CUDA graph over weights that do not fit in L2 together.
+
+  python scripts/explore_gemm.py [bf16]
+"""
+import sys
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -60,28 +64,31 @@ CONFIGS = [(bm, bn, sp, wp) for bm in (32, 64, 128) for bn in (32, 64) for sp in
 
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    for dtype in (torch.float32,):
+    for dtype in ((torch.bfloat16,) if "bf16" in sys.argv else (torch.float32,)):
         for model, (d, d_inner, n_in) in SHAPES.items():
+            if "bf16" in sys.argv and model == "L":
+                continue
             for name, (N, K) in (("in_proj", (n_in, d)), ("out_proj", (d, d_inner))):
                 ws = [torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5 for _ in range(8)]
                 for M in (32, 128, 512):
                     x = torch.randn(M, K, device="cuda", dtype=dtype)
                     out = torch.empty(M, N, device="cuda", dtype=dtype)
+                    out32 = torch.empty(M, N, device="cuda")  # Triton's output (split-K accumulates in float32)
                     ref = (x.double() @ ws[0].double().t())
                     t_cublas = bench(lambda i: torch.matmul(x, ws[i % 8].t(), out=out), 16)
                     best = None
                     for bm, bn, sp, wp in CONFIGS:
-                        cfg = (bm, bn, 32, 3, wp, sp)
+                        cfg = (bm, bn, 64 if dtype == torch.bfloat16 else 32, 3, wp, sp)
                         if bm > max(32, M) or (M >= 512 and bm < 64):
                             continue
                         try:
-                            t = bench(lambda i: gemm(x, ws[i % 8], out, *cfg), 16)
+                            t = bench(lambda i: gemm(x, ws[i % 8], out32, *cfg), 16)
                         except Exception:  # noqa: BLE001  (out of shared memory etc.)
                             continue
                         if best is None or t < best[0]:
                             best = (t, cfg)
-                    gemm(x, ws[0], out, *best[1])
-                    err = ((out.double() - ref).norm() / ref.norm()).item()
+                    gemm(x, ws[0], out32, *best[1])
+                    err = ((out32.double() - ref).norm() / ref.norm()).item()
                     cub_err = ((torch.matmul(x, ws[0].t()).double() - ref).norm() / ref.norm()).item()
                     wbytes = N * K * x.element_size()
                     print(f"{model:3s} {name:8s} {str(dtype)[6:]:9s} M={M:4d}: cuBLAS {t_cublas:6.1f} us "
