@@ -10,6 +10,10 @@ Shapes (b batch, l seqlen, h heads, p headdim, g groups, n d_state, d channels):
   B/C (b, g, n), D/dt_bias (h, p) -> out (b, h, p). Mamba2 passes A/dt/D/dt_bias broadcast over p
   (stride 0); Mamba1 is h = 1, p = d_inner.
 States are kept in float32 (float64 for float64 inputs); outputs take x's dtype.
+
+The scans are reference-only (training runs them in PyTorch). selective_state_update has a Triton
+backend (Mamba1 decoding; Mamba2 decodes through decode.py's fused step): one program per (b, h,
+BLOCK_P rows of p) with its state tile in registers, read once and written once.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ext
+from . import _ext, _triton
 from ._util import check_tensor, compute_dtype, placeholder_grads, reference_vjp
+from ._triton import tl, triton
 
 
 def _segsum(a: Tensor) -> Tensor:
@@ -237,8 +242,110 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return x.new_empty(x.shape)
 
 
-for _op in (_ssd_chunk_scan, _selective_scan, _selective_state_update):  # reference only, for aim_kernels.info
+for _op in (_ssd_chunk_scan, _selective_scan):  # reference only, for aim_kernels.info
     _ext.declare_op(_op)
+
+
+# ---- Triton backend of selective_state_update (Mamba1 decoding; any head layout) -------------------
+
+_STATE_DTYPES = (torch.float32, torch.bfloat16)
+STATE_TILE = 2048  # state elements per program (16 per thread at 4 warps)
+
+
+def state_update_not_supported_reasons(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                       D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                                       dt_softplus: bool) -> list[str]:
+    """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
+    reasons = _triton.reasons(x.device)
+    reasons += _triton.dtype_reasons(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    if state.dtype not in _STATE_DTYPES:
+        reasons.append(f"state is {state.dtype}; the Triton kernel keeps it in float32 or bfloat16")
+    return reasons
+
+
+def _state_update_blocks(b: int, h: int, p: int, n: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_N): the whole d_state, and headdim rows up to STATE_TILE elements, halved
+    (down to 16) while the grid has fewer than 2 programs per SM (batch 1: Mamba1's h = 1)."""
+    block_n = triton.next_power_of_2(n)
+    block_p = max(1, min(triton.next_power_of_2(p), STATE_TILE // block_n))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    while block_p > 16 and b * h * triton.cdiv(p, block_p) < 2 * sms:
+        block_p //= 2
+    return block_p, block_n
+
+
+def _alloc_state_update_out(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+if triton is not None:
+    @triton.jit
+    def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, out_ptr,
+                             H, P, N, HEADS_PER_GROUP,
+                             s_sb, s_sh, s_sp, s_sn, s_xb, s_xh, s_xp, s_db, s_dh, s_dp, s_ah, s_ap, s_an,
+                             s_bb, s_bg, s_bn, s_cb, s_cg, s_cn, s_Dh, s_Dp, s_zb, s_zh, s_zp, s_th, s_tp,
+                             HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+                             SOFTPLUS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (b, h, BLOCK_P rows of p): state = state * exp(dt A) + dt x B^T, out = state C (+ D x)
+        (* silu(z)), float32 in registers; strides may be 0 (Mamba2's per-head scalars)."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        g = h // HEADS_PER_GROUP
+        pm = p < P
+        nm = n < N
+        tile = pm[:, None] & nm[None, :]
+        s_ptrs = state_ptr + b * s_sb + h * s_sh + p[:, None] * s_sp + n[None, :] * s_sn
+        state = tl.load(s_ptrs, mask=tile, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * s_xb + h * s_xh + p * s_xp, mask=pm, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + b * s_db + h * s_dh + p * s_dp, mask=pm, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt += tl.load(dt_bias_ptr + h * s_th + p * s_tp, mask=pm, other=0.0).to(tl.float32)
+        if SOFTPLUS:  # in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
+            dt64 = dt.to(tl.float64)
+            dt = tl.where(dt64 > 20.0, dt64, tl.log(1.0 + tl.exp(dt64))).to(tl.float32)
+        A = tl.load(A_ptr + h * s_ah + p[:, None] * s_ap + n[None, :] * s_an, mask=tile, other=0.0).to(tl.float32)
+        B = tl.load(B_ptr + b * s_bb + g * s_bg + n * s_bn, mask=nm, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + b * s_cb + g * s_cg + n * s_cn, mask=nm, other=0.0).to(tl.float32)
+        state = state * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
+        tl.store(s_ptrs, state.to(state_ptr.dtype.element_ty), mask=tile)
+        out = tl.sum(state * C[None, :], axis=1)
+        if HAS_D:
+            out += tl.load(D_ptr + h * s_Dh + p * s_Dp, mask=pm, other=0.0).to(tl.float32) * x
+        if HAS_Z:
+            zz = tl.load(z_ptr + b * s_zb + h * s_zh + p * s_zp, mask=pm, other=0.0).to(tl.float32)
+            out *= zz * tl.sigmoid(zz)
+        tl.store(out_ptr + (b * H + h) * P + p, out.to(out_ptr.dtype.element_ty), mask=pm)
+
+
+def selective_state_update_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                  D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                                  dt_softplus: bool) -> Tensor:
+    """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests)."""
+    reasons = state_update_not_supported_reasons(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if reasons:
+        raise ValueError("the Triton selective_state_update cannot run these inputs: " + "; ".join(reasons))
+    b, h, p, n = state.shape
+    out = _alloc_state_update_out(x)
+    if out.numel() == 0:
+        return out
+    block_p, block_n = _state_update_blocks(b, h, p, n, x.device)
+    zero2 = (0, 0)
+    _state_update_kernel[(b, h, triton.cdiv(p, block_p))](
+        state, x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
+        dt_bias if dt_bias is not None else x, out, h, p, n, h // B.shape[1],
+        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *(D.stride() if D is not None else zero2), *(z.stride() if z is not None else (0, 0, 0)),
+        *(dt_bias.stride() if dt_bias is not None else zero2),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+_ext.register_backend(_selective_state_update, "triton", device_type="cuda", impl=selective_state_update_triton,
+                      not_supported_reasons=state_update_not_supported_reasons,
+                      unavailable_reasons=_triton.unavailable_reasons)
 
 
 # ---- public API --------------------------------------------------------------------------------

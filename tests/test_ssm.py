@@ -505,3 +505,93 @@ def test_selective_state_update_bad_input(case):
         selective_state_update(**kw)
     if state_before is not None and kw["state"].device == state_before.device:
         assert torch.equal(kw["state"], state_before)  # a rejected call leaves the state alone
+
+
+# ---- Triton backend of selective_state_update ------------------------------------------------------
+
+from aim_kernels import _ext, _triton, ssm  # noqa: E402
+
+
+def mamba1_update_inputs(b, d, n, dtype, device="cpu"):
+    """Mamba1's layout: one head of headdim d, per-channel A (1, d, n), dt/D/dt_bias per channel."""
+    f = dict(dtype=torch.float32, device=device)
+    return dict(state=torch.randn(b, 1, d, n, **f), x=torch.randn(b, 1, d, **f).to(dtype),
+                dt=(0.5 * torch.randn(b, 1, d, **f) - 3).to(dtype),
+                A=-torch.arange(1, n + 1, **f).repeat(1, d, 1), B=torch.randn(b, 1, n, **f).to(dtype),
+                C=torch.randn(b, 1, n, **f).to(dtype), D=torch.randn(1, d, **f), z=torch.randn(b, 1, d, **f).to(dtype),
+                dt_bias=(0.1 * torch.randn(1, d, **f)), dt_softplus=True)
+
+
+def check_state_update_triton(kw, tol, device):
+    """The Triton path (interpreter on CPU, the registered op on CUDA) vs float64 on the same inputs,
+    with the output buffer poisoned."""
+    ref = {k: (v.detach().double().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    out_ref = ssm.selective_state_update_ref(**ref)
+    if device == "cpu":
+        out = ssm.selective_state_update_triton(**kw)
+    else:
+        assert _ext.backend_for(ssm._selective_state_update, *kw.values()) == "triton"
+        out = selective_state_update(**kw)
+    assert out.dtype == kw["x"].dtype and not out.isnan().any()
+    assert rel_err(out, out_ref) < tol
+    assert rel_err(kw["state"], ref["state"]) < (1e-5 if kw["state"].dtype == torch.float32 else 1e-2)
+
+
+@pytest.fixture
+def poisoned_state_update_out(monkeypatch):
+    alloc = ssm._alloc_state_update_out
+    monkeypatch.setattr(ssm, "_alloc_state_update_out", lambda x: alloc(x).fill_(float("nan")))
+
+
+# (layout, b, dims, dtype, optionals)
+STATE_UPDATE_CASES = [("mamba1", 3, (40, 16), torch.float32, True), ("mamba1", 1, (300, 16), torch.float32, True),
+                      ("mamba1", 2, (24, 5), torch.float16, True), ("mamba2", 2, (6, 5, 2, 3), torch.float32, True),
+                      ("mamba2", 3, (4, 16, 1, 32), torch.float32, False),
+                      ("mamba2", 1, (2, 8, 2, 16), torch.float16, True)]
+
+
+@pytest.mark.parametrize("case", STATE_UPDATE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_state_update_triton_interpreter(case, poisoned_state_update_out):
+    if not _triton.interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    layout, b, dims, dtype, optionals = case
+    if layout == "mamba1":
+        kw = mamba1_update_inputs(b, *dims, dtype)
+    else:
+        h, p, g, n = dims
+        kw = update_inputs(b, h, p, g, n, D=optionals, z=optionals, dt_bias=optionals, dtype=torch.float32)
+        kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and k != "state" else v) for k, v in kw.items()}
+    check_state_update_triton(kw, 1e-5 if dtype == torch.float32 else 2e-3, "cpu")
+
+
+def test_state_update_triton_nan_fails():
+    if not _triton.interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    kw = mamba1_update_inputs(1, 8, 4, torch.float32)
+    kw["x"][0, 0, 3] = float("nan")
+    with pytest.raises(AssertionError):
+        check_state_update_triton(kw, 1e-5, "cpu")
+
+
+def test_state_update_not_supported_reasons():
+    kw = mamba1_update_inputs(1, 8, 4, torch.float32)
+    assert "float64" in " ".join(ssm.state_update_not_supported_reasons(**{**kw, "x": kw["x"].double()}))
+    assert "state is torch.float16" in " ".join(ssm.state_update_not_supported_reasons(
+        **{**kw, "state": kw["state"].half()}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,d,n", [(2, 1536, 16), (128, 2048, 16), (5, 999, 7)])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16)])
+def test_state_update_triton_gpu_mamba1(b, d, n, dtype, state_dtype, poisoned_state_update_out):
+    kw = mamba1_update_inputs(b, d, n, dtype, "cuda")
+    kw["state"] = kw["state"].to(state_dtype)
+    check_state_update_triton(kw, 1e-5 if dtype == torch.float32 else 2e-2, "cuda")
+
+
+@pytest.mark.gpu
+def test_state_update_triton_gpu_mamba2_broadcast(poisoned_state_update_out):
+    kw = update_inputs(64, 48, 64, 1, 128, dtype=torch.float32)
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    check_state_update_triton(kw, 1e-5, "cuda")
