@@ -94,7 +94,30 @@ def launch_options(device: torch.device) -> dict:
     return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (launch-grid heuristics); an H100/H200's 132 elsewhere
+    (the interpreter), so CPU tests take the same configurations."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 if triton is not None:
+    @triton.jit
+    def sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """out[i] = sum over s of part[s * numel + i], in split order (deterministic, unlike atomics)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(part_ptr + s * numel + i, mask=mask, other=0.0)
+        tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
     @triton.jit
     def pdl_wait(PDL: tl.constexpr):
         """Let the next kernel launch, then wait for the previous ones (no-op without PDL)."""

@@ -142,16 +142,6 @@ if triton is not None:
         tl.store(out_ptr + (split * M + m[:, None]).to(tl.int64) * N + n[None, :], acc,
                  mask=(m[:, None] < M) & (n[None, :] < N))
 
-    @triton.jit
-    def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < numel
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(SPLITS):  # in split order: deterministic, unlike atomics
-            acc += tl.load(part_ptr + s * numel + i, mask=mask, other=0.0)
-        tl.store(out_ptr + i, acc, mask=mask)
-
-
 GEMM_BLOCK_K = 32
 
 
@@ -159,7 +149,7 @@ def gemm_config(rows: int, n: int, k: int, device: torch.device) -> tuple[int, i
     """(BLOCK_M, BLOCK_N, SPLITS) of the 3xTF32 GEMM: 64 x 64 tiles (32 rows at <= 32), K split in
     up to 8 ranges of >= 128 until the grid has 2 programs per SM (the best configurations measured
     per shape were within 10% of this rule)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _triton.num_sms(device)
     block_m, block_n = (32 if rows <= 32 else 64), 64
     tiles = triton.cdiv(n, block_n) * triton.cdiv(rows, block_m)
     splits = 1
@@ -182,8 +172,8 @@ def _gemm_tf32x3(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
         x, weight, part, rows, n, k, x.stride(0), weight.stride(0), k_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GEMM_BLOCK_K, num_warps=4, num_stages=3)
     if splits > 1:
-        _sum_splits_kernel[(triton.cdiv(out.numel(), 1024),)](part, out, out.numel(), SPLITS=splits, BLOCK=1024,
-                                                              num_warps=4)
+        _triton.sum_splits_kernel[(triton.cdiv(out.numel(), 1024),)](part, out, out.numel(), SPLITS=splits,
+                                                                     BLOCK=1024, num_warps=4)
     return out
 
 
@@ -238,7 +228,7 @@ def add_rmsnorm_modulate_linear_not_supported_reasons(x: Tensor, residual: Optio
                                                       x_gate: Optional[Tensor], weight: Tensor) -> list[str]:
     """Why the fused Triton kernel cannot run these inputs; empty list: it can."""
     reasons = not_supported_reasons(x, weight)
-    if x.dim() == 2 and MAX_ROWS < x.shape[0] <= MAX_GEMM_ROWS:
+    if x.dim() == 2 and x.shape[0] > MAX_ROWS:
         reasons.append(f"{x.shape[0]} rows > {MAX_ROWS}: the prologue is fused into the GEMV only")
     reasons += _triton.dtype_reasons(residual=residual, norm_weight=norm_weight, shift=shift, scale=scale,
                                      x_gate=x_gate)

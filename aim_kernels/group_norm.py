@@ -19,7 +19,6 @@ is bandwidth-bound and reads x twice, in three launches:
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -246,15 +245,10 @@ def group_norm_not_supported_reasons(x: Tensor, weight: Optional[Tensor], bias: 
     return reasons
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     if device.type != "cuda":  # the interpreter: a few programs are enough to exercise the combine
         return 8
-    return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return PROGRAMS_PER_SM * _triton.num_sms(device)
 
 
 def _alloc_outputs(x: Tensor, n_partials: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

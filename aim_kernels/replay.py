@@ -43,7 +43,7 @@ launches (three with SPLITS > 1):
    per entry), products accumulated elementwise in float32 and reduced once after the loop (no
    per-iteration cross-thread reduction). `launch_config` picks the widest head block that still
    gives >= 2 programs per SM (R = 128, H = 48: 16 heads x 8 entries) and splits the history when R
-   is small; split partials are summed by `_sum_splits_kernel`.
+   is small; split partials are summed by `_triton.sum_splits_kernel`.
 """
 from __future__ import annotations
 
@@ -143,16 +143,12 @@ def _alloc_outputs(rows: int, nheads: int, headdim: int, max_len: int, splits: i
             torch.empty(splits if splits > 1 else 0, rows, nheads, headdim, dtype=torch.float32, device=device))
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def launch_config(rows: int, nheads: int, headdim: int, max_len: int,
                   device: torch.device) -> tuple[int, int, int, int]:
     """(HEADS, BLOCK_S, SPLITS, WARPS) of the weighted-sum kernel: heads per program, history entries
     per iteration, splits of the history, warps per program."""
     # the widest head block (long contiguous rows of x) that still gives >= 2 programs per SM
-    sms = _num_sms(device)
+    sms = _triton.num_sms(device)
     divisors = [b for b in (16, 8, 4, 2, 1) if nheads % b == 0]
     heads = next((b for b in divisors if rows * (nheads // b) >= 2 * sms), next(b for b in divisors if b <= 4))
     block_s = max(1, 8192 // (heads * headdim))  # an (entries x heads, P) tile of 8192 elements
@@ -250,15 +246,6 @@ if triton is not None:
         else:
             tl.store(y_ptr + r * (H * P) + hp, out.to(y_ptr.dtype.element_ty), mask=hmask)
 
-    @triton.jit
-    def _sum_splits_kernel(part_ptr, y_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < numel
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k in tl.static_range(SPLITS):
-            acc += tl.load(part_ptr + k * numel + i, mask=mask, other=0.0)
-        tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
 
 WEIGHTS_BLOCK_S = 32
 
@@ -293,7 +280,7 @@ def ssd_replay_step_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
         P=p, HEADS=heads, BLOCK_S=block_s, SPLIT=splits > 1, num_warps=warps)
     if splits > 1:
         numel = y.numel()
-        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024, num_warps=4)
+        _triton.sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024, num_warps=4)
     return y
 
 

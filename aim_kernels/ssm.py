@@ -268,7 +268,7 @@ def _state_update_blocks(b: int, h: int, p: int, n: int, device: torch.device) -
     (down to 16) while the grid has fewer than 2 programs per SM (batch 1: Mamba1's h = 1)."""
     block_n = triton.next_power_of_2(n)
     block_p = max(1, min(triton.next_power_of_2(p), STATE_TILE // block_n))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _triton.num_sms(device)
     while block_p > 16 and b * h * triton.cdiv(p, block_p) < 2 * sms:
         block_p //= 2
     return block_p, block_n
@@ -331,13 +331,12 @@ def selective_state_update_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tenso
     if out.numel() == 0:
         return out
     block_p, block_n = _state_update_blocks(b, h, p, n, x.device)
-    zero2 = (0, 0)
     _state_update_kernel[(b, h, triton.cdiv(p, block_p))](
         state, x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
         dt_bias if dt_bias is not None else x, out, h, p, n, h // B.shape[1],
         *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
-        *(D.stride() if D is not None else zero2), *(z.stride() if z is not None else (0, 0, 0)),
-        *(dt_bias.stride() if dt_bias is not None else zero2),
+        *(D.stride() if D is not None else (0, 0)), *(z.stride() if z is not None else (0, 0, 0)),
+        *(dt_bias.stride() if dt_bias is not None else (0, 0)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return out

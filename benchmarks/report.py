@@ -171,16 +171,21 @@ def plot(gpu: str, rows: list[dict], path: Path) -> bool:
     return True
 
 
-def group_norm_section(gpu: str, rows: list[dict]) -> list[str]:
-    """GroupNorm + SiLU at the VQ decoder's shapes: per shape, per decode, and the whole decode."""
+def _run_header(rows: list[dict]) -> str:
+    """"Run `id` (time, git): versions, copy ceiling. " for a section drawn from one run."""
     meta = rows[0]
     copy = next((r for r in rows if r["case"] == "copy"), None)
+    return (f"Run `{meta['run_id']}` ({meta['timestamp']}, git {meta.get('git') or '?'}): torch {meta.get('torch')}, "
+            f"Triton {meta.get('triton')}"
+            + (f", copy ceiling measured {copy['copy_tbps_measured']:.2f} TB/s" if copy else "") + ". ")
+
+
+def group_norm_section(gpu: str, rows: list[dict]) -> list[str]:
+    """GroupNorm + SiLU at the VQ decoder's shapes: per shape, per decode, and the whole decode."""
     norms = [r for r in rows if r["case"] == "norm"]
     batch = norms[0]["shape"]["batch"] if norms else "?"
     lines = [f"### {gpu}", "",
-             f"Run `{meta['run_id']}` ({meta['timestamp']}, git {meta.get('git') or '?'}): torch {meta.get('torch')}, "
-             f"Triton {meta.get('triton')}" + (f", copy ceiling measured {copy['copy_tbps_measured']:.2f} TB/s" if copy
-                                               else "") + ". "
+             _run_header(rows) +
              f"32 groups, eps 1e-6, affine, bf16 channels_last, batch {batch} (256 x 256 images); PyTorch = "
              "F.group_norm then F.silu. Device time per call (CUDA-graph replay, median); bandwidth counts x read once "
              "and y written once (the two-pass kernel reads x twice: its ceiling is 2/3 of copy).", "",
@@ -221,12 +226,8 @@ def group_norm_section(gpu: str, rows: list[dict]) -> list[str]:
 
 def decode_step_section(gpu: str, rows: list[dict]) -> list[str]:
     """One layer's decode step at 128 rows: the state form and the replay form at steps t."""
-    meta = rows[0]
-    copy = next((r for r in rows if r["case"] == "copy"), None)
     lines = [f"### {gpu}", "",
-             f"Run `{meta['run_id']}` ({meta['timestamp']}, git {meta.get('git') or '?'}): torch {meta.get('torch')}, "
-             f"Triton {meta.get('triton')}" + (f", copy ceiling measured {copy['copy_tbps_measured']:.2f} TB/s" if copy
-                                               else "") + ". "
+             _run_header(rows) +
              "One Mamba2 layer, batch 64 with CFG (128 rows), from the in_proj output to the out_proj input. "
              "state: `mamba2_decode_step` (bytes: the fp32 SSM state read and written + the step's I/O); replay at "
              "step t: conv update + `ssd_replay_step` + gated RMSNorm, as the model runs it (bytes: t history "
@@ -235,8 +236,8 @@ def decode_step_section(gpu: str, rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["case"] == "step"):
         t = r["shape"]["t"] if r["backend"] != "state" else "-"
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['backend']} | {t} | {r['median_us']:.1f} | {r['gbps']:.0f} | {100 * r['frac_copy_measured']:.0f}% | "
-                     f"{100 * r['frac_h200_copy']:.0f}% |")
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['backend']} | {t} | {r['median_us']:.1f} | {r['gbps']:.0f} | "
+                     f"{100 * r['frac_copy_measured']:.0f}% | {100 * r['frac_h200_copy']:.0f}% |")
     return lines + [""]
 
 
