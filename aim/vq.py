@@ -3,8 +3,10 @@
 Reproduces the architecture and state-dict names of hp-l33/AiM models/stage1/vq_model.py (itself
 LlamaGen's VQModel), so official checkpoints load strictly. Differences from the official code:
 `ch` is honoured (the official code always used 128), only inference is provided (no losses,
-no codebook-usage tracking), and each GroupNorm with the SiLU after it is one op (aim_kernels.group_norm:
-float32 statistics, a Triton kernel on the GPU).
+no codebook-usage tracking), each GroupNorm with the SiLU after it is one op (aim_kernels.group_norm:
+float32 statistics, a Triton kernel on the GPU), and the residual blocks and upsampling run their
+convolutions without bias, adding it in the next op (the norm, or the residual add: aim_kernels.add_bias),
+with a channels_last nearest upsampling (aim_kernels.upsample_nearest2x).
 """
 
 import math
@@ -18,7 +20,7 @@ from torch import nn
 
 from aim._state_dict import load_state_dict_strict
 from aim.config import is_positive_int
-from aim_kernels import group_norm
+from aim_kernels import add_bias, group_norm, upsample_nearest2x
 
 
 @dataclass
@@ -80,8 +82,14 @@ class Normalize(nn.GroupNorm):
     def __init__(self, channels: int):
         super().__init__(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
+    def forward(self, x: torch.Tensor, silu: bool = False, input_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """GroupNorm of x + input_bias (per channel: a convolution's bias not yet added), then SiLU."""
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu, input_bias)
+
+
+def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) less conv.bias: the caller adds the bias in its next op (PyTorch's own bias pass is slow)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class ResnetBlock(nn.Module):
@@ -94,11 +102,13 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.conv2(self.norm2(h, silu=True))
+        h = conv_without_bias(self.conv1, self.norm1(x, silu=True))
+        h = conv_without_bias(self.conv2, self.norm2(h, silu=True, input_bias=self.conv1.bias))
+        bias = self.conv2.bias
         if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return x + h
+            x = conv_without_bias(self.nin_shortcut, x)
+            bias = bias + self.nin_shortcut.bias
+        return add_bias(h, bias, residual=x)
 
 
 class AttnBlock(nn.Module):
@@ -119,7 +129,7 @@ class AttnBlock(nn.Module):
         q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(-1, -2) for proj in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v)
         y = y.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(y)
+        return add_bias(conv_without_bias(self.proj_out, y), self.proj_out.bias, residual=x)
 
 
 class Upsample(nn.Module):
@@ -128,7 +138,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return add_bias(conv_without_bias(self.conv, upsample_nearest2x(x)), self.conv.bias)
 
 
 class Downsample(nn.Module):

@@ -3,7 +3,9 @@
 x is (N, C, *) with C divisible by num_groups; statistics per (sample, group) over C / num_groups
 channels and every spatial position; out = GroupNorm(x) * weight + bias, then SiLU when asked, in x's
 dtype and x's memory format (channels_last in, channels_last out). The reference computes in float32
-(float64 for float64 inputs).
+(float64 for float64 inputs). `input_bias` (C,) is added to x first: GroupNorm(x + input_bias), so a
+convolution before the norm can run without its bias (PyTorch adds a convolution's bias in a separate,
+non-vectorised pass over a channels_last output).
 
 Triton backend (4-D channels_last, or any contiguous (N, C, *)). The activations are large (64 x 128 x
 256 x 256 bf16 = 1 GiB) and a group (4 x 65536 values) is far larger than a program's registers, so it
@@ -30,10 +32,13 @@ from ._util import check_tensor, compute_dtype, placeholder_grads, reference_vjp
 
 
 def group_norm_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
-                   silu: bool = False) -> Tensor:
-    """F.group_norm (then SiLU) in float32, or float64 for float64 inputs; the result in x's dtype."""
-    cd = compute_dtype(x, weight, bias)
-    y = F.group_norm(x.to(cd), num_groups, None if weight is None else weight.to(cd),
+                   silu: bool = False, input_bias: Optional[Tensor] = None) -> Tensor:
+    """F.group_norm of x + input_bias (then SiLU) in float32, or float64 for float64 inputs; the result in x's dtype."""
+    cd = compute_dtype(x, weight, bias, input_bias)
+    x_c = x.to(cd)
+    if input_bias is not None:
+        x_c = x_c + input_bias.to(cd).reshape((-1,) + (1,) * (x.dim() - 2))
+    y = F.group_norm(x_c, num_groups, None if weight is None else weight.to(cd),
                      None if bias is None else bias.to(cd), eps)
     if silu:
         y = F.silu(y)
@@ -44,39 +49,41 @@ def group_norm_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 
 @torch.library.custom_op("aim_kernels::group_norm", mutates_args=())
 def _group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
-                silu: bool) -> Tensor:
-    return torch.empty_like(x).copy_(group_norm_ref(x, weight, bias, num_groups, eps, silu))
+                silu: bool, input_bias: Optional[Tensor]) -> Tensor:
+    return torch.empty_like(x).copy_(group_norm_ref(x, weight, bias, num_groups, eps, silu, input_bias))
 
 
 @_group_norm.register_fake
-def _(x, weight, bias, num_groups, eps, silu):
+def _(x, weight, bias, num_groups, eps, silu, input_bias):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("aim_kernels::group_norm_bwd", mutates_args=())
 def _group_norm_bwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
-                    silu: bool, dout: Tensor) -> list[Tensor]:
-    grads = reference_vjp(lambda x_, w_, b_: (group_norm_ref(x_, w_, b_, num_groups, eps, silu),),
-                          (x, weight, bias), (dout,))
-    return [g if t is None else torch.empty_like(t).copy_(g) for g, t in zip(grads, (x, weight, bias))]
+                    silu: bool, input_bias: Optional[Tensor], dout: Tensor) -> list[Tensor]:
+    inputs = (x, weight, bias, input_bias)
+    grads = reference_vjp(lambda x_, w_, b_, ib_: (group_norm_ref(x_, w_, b_, num_groups, eps, silu, ib_),),
+                          inputs, (dout,))
+    return [g if t is None else torch.empty_like(t).copy_(g) for g, t in zip(grads, inputs)]
 
 
 @_group_norm_bwd.register_fake
-def _(x, weight, bias, num_groups, eps, silu, dout):
-    return placeholder_grads(x, weight, bias)
+def _(x, weight, bias, num_groups, eps, silu, input_bias, dout):
+    return placeholder_grads(x, weight, bias, input_bias)
 
 
 def _gn_setup(ctx, inputs, output):
-    x, weight, bias, num_groups, eps, silu = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, weight, bias, num_groups, eps, silu, input_bias = inputs
+    ctx.save_for_backward(x, weight, bias, input_bias)
     ctx.args = (num_groups, eps, silu)
-    ctx.present = (weight is not None, bias is not None)
 
 
 def _gn_backward(ctx, dout):
-    x, weight, bias = ctx.saved_tensors
-    dx, dw, db = _group_norm_bwd(x, weight, bias, *ctx.args, dout)
-    return dx, (dw if ctx.present[0] else None), (db if ctx.present[1] else None), None, None, None
+    x, weight, bias, input_bias = ctx.saved_tensors
+    dx, dw, db, dib = _group_norm_bwd(x, weight, bias, *ctx.args, input_bias, dout)
+    present = [t is not None for t in (weight, bias, input_bias)]
+    dw, db, dib = (g if p else None for g, p in zip((dw, db, dib), present))
+    return dx, dw, db, None, None, None, dib
 
 
 _group_norm.register_autograd(_gn_backward, setup_context=_gn_setup)
@@ -85,10 +92,11 @@ _group_norm.register_autograd(_gn_backward, setup_context=_gn_setup)
 # ---- public API ------------------------------------------------------------------------------------
 
 def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
-               eps: float = 1e-5, silu: bool = False) -> Tensor:
-    """F.group_norm(x, num_groups, weight, bias, eps), followed by SiLU when `silu`, in one op.
+               eps: float = 1e-5, silu: bool = False, input_bias: Optional[Tensor] = None) -> Tensor:
+    """F.group_norm(x + input_bias, num_groups, weight, bias, eps), followed by SiLU when `silu`, in one op.
 
-    x (N, C, *); weight and bias (C,) or None. The output has x's dtype and memory format.
+    x (N, C, *); weight, bias and input_bias (C,) or None (input_bias per channel, as a convolution's
+    bias). The output has x's dtype and memory format.
     """
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError("x must be a tensor of shape (N, C, *)")
@@ -96,10 +104,10 @@ def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_
     c = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in (("weight", weight), ("bias", bias), ("input_bias", input_bias)):
         if t is not None:
             check_tensor(name, t, (c,), device=x.device)
-    return _group_norm(x, weight, bias, num_groups, float(eps), bool(silu))
+    return _group_norm(x, weight, bias, num_groups, float(eps), bool(silu), input_bias)
 
 
 # ---- Triton backend (forward) ----------------------------------------------------------------------
@@ -115,10 +123,12 @@ if _triton.triton is not None:
     tl = _triton.tl
 
     @_triton.triton.jit
-    def _gn_stats_kernel(X, PMEAN, PM2, rows, cols, chunk_rows, chunks,
-                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gn_stats_kernel(X, IB, PMEAN, PM2, rows, cols, chunk_rows, chunks, groups, cpg, hw,
+                         HAS_IB: tl.constexpr, NHWC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
         """x viewed as (batches, rows, cols) contiguous; one program per (batch, chunk of rows): per-column
-        (mean, M2) over the chunk's rows -> PMEAN/PM2[(batch * chunks + chunk) * cols + col]."""
+        (mean, M2) of x + IB[channel] over the chunk's rows -> PMEAN/PM2[(batch * chunks + chunk) * cols + col].
+        The channel of an element: its column in NHWC, else (NCHW: a batch is a (sample, group), cols = 1)
+        (batch % groups) * cpg + row // hw."""
         pid = tl.program_id(0)
         b = pid // chunks
         k = pid % chunks
@@ -136,6 +146,11 @@ if _triton.triton is not None:
             rr = r0 + i * BLOCK_S + offs_s
             mask = (rr < r0 + n_rows)[:, None] & cmask[None, :]
             x = tl.load(base + rr[:, None] * cols + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_IB:
+                if NHWC:
+                    x += tl.load(IB + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                else:
+                    x += tl.load(IB + (b % groups) * cpg + rr // hw, mask=rr < rows, other=0.0).to(tl.float32)[:, None]
             x = tl.where(mask, x, mean)
             delta = x - mean
             mean += delta * (1.0 / (i + 1))
@@ -152,13 +167,14 @@ if _triton.triton is not None:
         tl.store(PM2 + out, m2_c, mask=cmask)
 
     @_triton.triton.jit
-    def _gn_finalize_kernel(PMEAN, PM2, W, B, MEAN, SCALE, SHIFT, groups, chunks, rows, chunk_rows, units,
+    def _gn_finalize_kernel(PMEAN, PM2, W, B, IB, MEAN, SCALE, SHIFT, groups, chunks, rows, chunk_rows, units,
                             channels, eps, stride_n, stride_g, stride_k, stride_j,
-                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_IB: tl.constexpr, BLOCK_K: tl.constexpr,
                             BLOCK_J: tl.constexpr, BLOCK_CG: tl.constexpr):
         """One program per (sample, group): combine the group's partials (chunks x units, unit j of chunk k
         at n * stride_n + g * stride_g + k * stride_k + j * stride_j, holding min(chunk_rows, rows - k *
-        chunk_rows) values) into per-channel MEAN, SCALE = rstd * weight and SHIFT = bias ((N, C) float32)."""
+        chunk_rows) values) into per-channel MEAN, SCALE = rstd * weight and SHIFT = bias ((N, C) float32).
+        The partials are of x + IB; MEAN has IB taken off, so the apply reads x alone."""
         pid = tl.program_id(0)
         n = pid // groups
         g = pid % groups
@@ -197,7 +213,10 @@ if _triton.triton is not None:
         if HAS_B:
             shift += tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         out = n * channels + c
-        tl.store(MEAN + out, tl.zeros([BLOCK_CG], dtype=tl.float32) + (mean + corr), mask=cmask)
+        center = tl.zeros([BLOCK_CG], dtype=tl.float32) + (mean + corr)
+        if HAS_IB:
+            center -= tl.load(IB + c, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(MEAN + out, center, mask=cmask)
         tl.store(SCALE + out, scale, mask=cmask)
         tl.store(SHIFT + out, shift, mask=cmask)
 
@@ -229,9 +248,9 @@ def _channels_last(x: Tensor) -> bool:
 
 
 def group_norm_not_supported_reasons(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
-                                     eps: float, silu: bool) -> list[str]:
+                                     eps: float, silu: bool, input_bias: Optional[Tensor] = None) -> list[str]:
     """Why the Triton kernels cannot run these inputs; empty list: they can."""
-    reasons = _triton.reasons(x.device) + _triton.dtype_reasons(x=x, weight=weight, bias=bias)
+    reasons = _triton.reasons(x.device) + _triton.dtype_reasons(x=x, weight=weight, bias=bias, input_bias=input_bias)
     if x.numel() == 0:
         reasons.append("x is empty")
     if _channels_last(x):
@@ -239,7 +258,7 @@ def group_norm_not_supported_reasons(x: Tensor, weight: Optional[Tensor], bias: 
             reasons.append(f"channels_last with {x.shape[1]} > {MAX_TRITON_CHANNELS} channels")
     elif not x.is_contiguous():
         reasons.append(f"x is neither contiguous nor 4-D channels_last (strides {x.stride()})")
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in (("weight", weight), ("bias", bias), ("input_bias", input_bias)):
         if t is not None and not t.is_contiguous():
             reasons.append(f"{name} is not contiguous")
     return reasons
@@ -260,7 +279,7 @@ def _alloc_outputs(x: Tensor, n_partials: int) -> tuple[Tensor, Tensor, Tensor, 
 
 
 def group_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
-                      silu: bool, *, stats_elems: int = STATS_ELEMS, apply_elems: int = APPLY_ELEMS,
+                      silu: bool, input_bias: Optional[Tensor] = None, *, stats_elems: int = STATS_ELEMS, apply_elems: int = APPLY_ELEMS,
                       chunk_rows: Optional[int] = None) -> Tensor:
     """The three launches (see the module docstring). The keywords only change the tiling (tile elements:
     powers of two; chunk_rows: rows per statistics program, by default enough chunks for the GPU)."""
@@ -268,7 +287,8 @@ def group_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     n, c = x.shape[:2]
     hw = x.numel() // (n * c)
     cpg = c // num_groups
-    if _channels_last(x):      # NHWC: batches = samples, rows = positions, columns = channels
+    nhwc = _channels_last(x)
+    if nhwc:                   # NHWC: batches = samples, rows = positions, columns = channels
         s_batches, s_rows, s_cols = n, hw, c
         a_batches, a_rows, a_cols = n, hw, c
         units = cpg            # the partials of a group: its cpg channels of each chunk
@@ -284,7 +304,8 @@ def group_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
         chunk_rows = triton.cdiv(chunk_rows, block_s) * block_s
     chunks = triton.cdiv(s_rows, chunk_rows)
     out, pmean, pm2, params = _alloc_outputs(x, s_batches * chunks * s_cols)
-    _gn_stats_kernel[(s_batches * chunks,)](x, pmean, pm2, s_rows, s_cols, chunk_rows, chunks,
+    _gn_stats_kernel[(s_batches * chunks,)](x, input_bias, pmean, pm2, s_rows, s_cols, chunk_rows, chunks,
+                                            num_groups, cpg, hw, HAS_IB=input_bias is not None, NHWC=nhwc,
                                             BLOCK_S=block_s, BLOCK_C=block_c, num_warps=STATS_WARPS)
 
     if units > 1:   # partials (n, chunks, c): channel g * cpg + j of chunk k
@@ -294,8 +315,9 @@ def group_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     block_j = triton.next_power_of_2(units)
     block_k = min(triton.next_power_of_2(chunks), max(1, 2048 // block_j))
     _gn_finalize_kernel[(n * num_groups,)](
-        pmean, pm2, weight, bias, params[0], params[1], params[2], num_groups, chunks, s_rows, chunk_rows,
-        units, c, eps, *strides, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_K=block_k,
+        pmean, pm2, weight, bias, input_bias, params[0], params[1], params[2], num_groups, chunks, s_rows,
+        chunk_rows, units, c, eps, *strides, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_IB=input_bias is not None, BLOCK_K=block_k,
         BLOCK_J=block_j, BLOCK_CG=triton.next_power_of_2(cpg), num_warps=4)
 
     block_c = triton.next_power_of_2(a_cols)

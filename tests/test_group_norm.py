@@ -49,9 +49,18 @@ def make(shape, dtype, device="cpu", channels_last=False, affine=True, offset=0.
     return x, w, b
 
 
-def expected(x, w, b, groups, eps, silu):
+def expected(x, w, b, groups, eps, silu, ib=None):
     return gn.group_norm_ref(x.double(), None if w is None else w.double(), None if b is None else b.double(),
-                             groups, eps, silu)
+                             groups, eps, silu, None if ib is None else ib.double())
+
+
+def channel_bias(x, scale=2.0):
+    """A convolution-bias-like input_bias: per channel, large against x's spread."""
+    return (scale * torch.randn(x.shape[1], device=x.device)).to(x.dtype)
+
+
+def with_bias(x, ib):
+    return x.double() + ib.double().reshape((-1,) + (1,) * (x.dim() - 2))
 
 
 # ---- reference and op --------------------------------------------------------------------------------
@@ -62,6 +71,9 @@ def expected(x, w, b, groups, eps, silu):
 def test_reference_matches_float64_definition(shape, groups, silu, affine):
     x, w, b = make(shape, torch.float64, affine=affine, offset=3.0)
     assert rel_err(gn.group_norm_ref(x, w, b, groups, 1e-6, silu), naive(x, w, b, groups, 1e-6, silu)) < 1e-12
+    ib = channel_bias(x)
+    assert rel_err(gn.group_norm_ref(x, w, b, groups, 1e-6, silu, ib),
+                   naive(with_bias(x, ib), w, b, groups, 1e-6, silu)) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -91,14 +103,18 @@ def test_op_matches_torch_modules():
 def test_opcheck(channels_last, affine):
     x, w, b = make((2, 8, 3, 5), torch.float64, channels_last=channels_last, affine=affine)
     leaves = [t.requires_grad_() if t is not None else None for t in (x, w, b)]
-    torch.library.opcheck(torch.ops.aim_kernels.group_norm.default, (*leaves, 4, 1e-5, True))
-    torch.library.opcheck(torch.ops.aim_kernels.group_norm.default, (x.detach(), w, b, 2, 1e-5, False))
+    ib = channel_bias(x).requires_grad_()
+    torch.library.opcheck(torch.ops.aim_kernels.group_norm.default, (*leaves, 4, 1e-5, True, None))
+    torch.library.opcheck(torch.ops.aim_kernels.group_norm.default, (*leaves, 4, 1e-5, True, ib))
+    torch.library.opcheck(torch.ops.aim_kernels.group_norm.default, (x.detach(), w, b, 2, 1e-5, False, None))
 
 
 def test_gradcheck():
     x, w, b = make((2, 4, 2, 3), torch.float64, channels_last=True)
     leaves = [t.requires_grad_() for t in (x, w, b)]
     assert torch.autograd.gradcheck(lambda *t: ak.group_norm(*t, 2, 1e-5, True), leaves)
+    ib = channel_bias(x).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x_, ib_: ak.group_norm(x_, None, None, 2, 1e-5, True, ib_), (leaves[0], ib))
     assert torch.autograd.gradcheck(lambda t: ak.group_norm(t, None, None, 2, 1e-5, False), leaves[:1])
 
 
@@ -109,6 +125,7 @@ def test_gradcheck():
     (lambda x, w: (x, w[:4], w, 4), ValueError, r"weight must have shape \(8\)"),
     (lambda x, w: (x, w, w.long(), 4), TypeError, "bias must have dtype"),
     (lambda x, w: (x.int(), w, w, 4), TypeError, "x must have dtype"),
+    (lambda x, w: (x, w, w, 4, 1e-5, False, w[:3]), ValueError, r"input_bias must have shape \(8\)"),
 ])
 def test_input_checks(args, error, match):
     x, w, _ = make((2, 8, 3, 3), torch.float32)
@@ -137,10 +154,10 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(gn, "_alloc_outputs", lambda *a, **k: tuple(t.fill_(float("nan")) for t in alloc(*a, **k)))
 
 
-def check_triton(x, w, b, groups, silu, tol, **tiling):
-    out = gn.group_norm_triton(x, w, b, groups, 1e-6, silu, **tiling)
+def check_triton(x, w, b, groups, silu, tol, ib=None, **tiling):
+    out = gn.group_norm_triton(x, w, b, groups, 1e-6, silu, ib, **tiling)
     assert out.dtype == x.dtype and out.shape == x.shape and out.stride() == x.stride()
-    err = rel_err(out, expected(x, w, b, groups, 1e-6, silu))
+    err = rel_err(out, expected(x, w, b, groups, 1e-6, silu, ib))
     assert err < tol, err
 
 
@@ -153,6 +170,7 @@ def test_triton_interpreter_channels_last(monkeypatch, shape, dtype, silu):
     poisoned_outputs(monkeypatch)
     x, w, b = make(shape, dtype, channels_last=True, offset=1.0)
     check_triton(x, w, b, 32, silu, TOL[dtype])
+    check_triton(x, w, b, 32, silu, TOL[dtype], ib=channel_bias(x))
 
 
 @needs_triton
@@ -164,6 +182,7 @@ def test_triton_interpreter_contiguous(monkeypatch, shape, dtype, silu):
     poisoned_outputs(monkeypatch)
     x, w, b = make(shape, dtype, offset=1.0)
     check_triton(x, w, b, 32, silu, TOL[dtype])
+    check_triton(x, w, b, 32, silu, TOL[dtype], ib=channel_bias(x))
 
 
 @needs_triton
@@ -174,8 +193,9 @@ def test_triton_interpreter_many_chunks(monkeypatch, channels_last):
     poisoned_outputs(monkeypatch)
     x, w, b = make((2, 64, 9, 7), torch.float32, channels_last=channels_last, offset=-2.0, std=3.0)
     groups = 32 if channels_last else 8  # contiguous: a program per (sample, group, chunk); keep them few
-    check_triton(x, w, b, groups, True, TOL[torch.float32], stats_elems=64, apply_elems=256, chunk_rows=37 if not
-                 channels_last else 5)
+    for ib in (None, channel_bias(x)):  # chunks of 37 rows of a (sample, group) column cross channels
+        check_triton(x, w, b, groups, True, TOL[torch.float32], ib, stats_elems=64, apply_elems=256,
+                     chunk_rows=37 if not channels_last else 5)
 
 
 @needs_triton
@@ -210,11 +230,11 @@ GPU_SHAPES = [(64, 512, 16, 16), (64, 256, 64, 64), (8, 128, 256, 256), (3, 256,
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_cuda_dispatch_uses_triton(shape, dtype, channels_last):
     x, w, b = make(shape, dtype, "cuda", channels_last=channels_last, offset=0.5)
-    for silu in (True, False):
-        assert _ext.backend_for(gn._group_norm, x, w, b, 32, 1e-6, silu) == "triton"
-        out = ak.group_norm(x, w, b, 32, 1e-6, silu)
+    for silu, ib in ((True, None), (False, None), (True, channel_bias(x))):
+        assert _ext.backend_for(gn._group_norm, x, w, b, 32, 1e-6, silu, ib) == "triton"
+        out = ak.group_norm(x, w, b, 32, 1e-6, silu, ib)
         assert out.stride() == x.stride()
-        assert rel_err(out, expected(x, w, b, 32, 1e-6, silu)) < TOL[dtype]
+        assert rel_err(out, expected(x, w, b, 32, 1e-6, silu, ib)) < TOL[dtype]
 
 
 @pytest.mark.gpu
@@ -241,8 +261,9 @@ def test_cuda_poisoned_and_falls_back(monkeypatch):
     x, w, b = make((3, 64, 17, 19), torch.bfloat16, "cuda", channels_last=True)
     check_triton(x, w, b, 32, True, TOL[torch.bfloat16])
     check_triton(x, w, b, 32, True, TOL[torch.bfloat16], stats_elems=256, chunk_rows=29)
+    check_triton(x, w, b, 32, True, TOL[torch.bfloat16], channel_bias(x), stats_elems=256, chunk_rows=29)
     xd = x.double()[:, :, ::2]  # float64, strided: the reference
-    assert _ext.backend_for(gn._group_norm, xd, None, None, 32, 1e-6, True) == "reference"
+    assert _ext.backend_for(gn._group_norm, xd, None, None, 32, 1e-6, True, None) == "reference"
     assert rel_err(ak.group_norm(xd, None, None, 32, 1e-6, True), naive(xd, None, None, 32, 1e-6, True)) < 1e-12
 
 
