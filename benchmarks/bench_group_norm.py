@@ -36,8 +36,11 @@ IMAGE = 256
 PYTORCH = "pytorch (nn.GroupNorm + SiLU)"
 
 
-def torch_group_norm(x, weight, bias, num_groups, eps=1e-5, silu=False):
-    """What the decoder ran before: nn.GroupNorm's functional form, then SiLU, in x's dtype."""
+def torch_group_norm(x, weight, bias, num_groups, eps=1e-5, silu=False, input_bias=None):
+    """What the decoder ran before: nn.GroupNorm's functional form, then SiLU, in x's dtype (input_bias:
+    the bias of the convolution before, added as PyTorch's convolution would)."""
+    if input_bias is not None:
+        x = x + input_bias.reshape(-1, 1, 1)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
