@@ -140,10 +140,11 @@ def test_upsample_triton_interpreter(poisoned, monkeypatch, shape, dtype):
 
 # the decoder's largest maps at batch 64 (channels_last bf16), and odd ones
 GPU_SHAPES = [(64, 128, 256, 256), (64, 256, 64, 64), (64, 512, 16, 16), (3, 96, 33, 17), (5, 3, 7, 9)]
+GPU_IDS = [("aim_shapes_" if s[0] == 64 else "") + "x".join(map(str, s)) for s in GPU_SHAPES]  # the sanitizer skips aim_shapes
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=GPU_IDS)
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_cuda_add_bias(poisoned, shape, channels_last):
     dtype = torch.bfloat16 if shape[0] == 64 else torch.float32
@@ -157,7 +158,7 @@ def test_cuda_add_bias(poisoned, shape, channels_last):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", GPU_SHAPES[1:])
+@pytest.mark.parametrize("shape", GPU_SHAPES[1:], ids=GPU_IDS[1:])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_upsample(poisoned, shape, dtype):
     x = make(shape, dtype, "cuda", channels_last=True)

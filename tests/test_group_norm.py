@@ -251,8 +251,9 @@ def test_cuda_decoder_size_batch_64():
 def test_cuda_large_mean(monkeypatch, channels_last):
     poisoned_outputs(monkeypatch)
     x, w, b = make((4, 128, 96, 80), torch.float32, "cuda", channels_last=channels_last, offset=1000.0)
-    out = ak.group_norm(x, w, b, 32, 1e-6, True)
-    assert rel_err(out, expected(x, w, b, 32, 1e-6, True)) < 1e-4
+    for ib in (None, channel_bias(x)):
+        out = ak.group_norm(x, w, b, 32, 1e-6, True, ib)
+        assert rel_err(out, expected(x, w, b, 32, 1e-6, True, ib)) < 1e-4
 
 
 @pytest.mark.gpu
