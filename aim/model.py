@@ -104,12 +104,9 @@ class Mamba2Mixer(nn.Module):
                                          self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight,
                                          NORM_EPS, self.headdim, self.ngroups, self.out_proj.weight)
         z, xBC, dt = self._split(zxbcdt)
-        xBC = ak.causal_conv1d_update(xBC, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
-        n = self.d_state
-        y = ak.ssd_replay_step(x.unflatten(-1, (self.nheads, self.headdim)), dt, cache.A,
-                               B.unflatten(-1, (self.ngroups, n)), C.unflatten(-1, (self.ngroups, n)), self.D,
-                               self.dt_bias, cache.hist_x, cache.hist_B, cache.hist_dt, cache.hist_cum, cache.step)
+        y = ak.mamba2_replay_step(xBC, dt, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.A,
+                                  self.D, self.dt_bias, cache.hist_x, cache.hist_B, cache.hist_dt, cache.hist_cum,
+                                  cache.step)
         return self._out(y.flatten(-2), z)
 
     def allocate_cache(self, batch: int, device, dtype, state_dtype, max_len: int,

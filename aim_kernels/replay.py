@@ -55,6 +55,8 @@ from torch import Tensor
 
 from . import _ext, _triton
 from ._util import check_tensor, compute_dtype
+from .causal_conv1d import MAX_WIDTH, causal_conv1d_update_ref
+from .decode import _conv_silu, _shift_conv_state
 from .ssm import _check_groups
 
 from ._triton import tl, triton
@@ -98,6 +100,18 @@ def ssd_replay_step_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     return y.to(x.dtype)
 
 
+def mamba2_replay_step_ref(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                           conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                           hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> Tensor:
+    """The causal conv update (+ SiLU) of xBC = [x | B | C], then `ssd_replay_step_ref` on its output."""
+    h, p = hist_x.shape[2:]
+    g, n = hist_B.shape[2:]
+    xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, True)
+    x, B, C = xBC.split([h * p, g * n, g * n], dim=-1)
+    return ssd_replay_step_ref(x.unflatten(-1, (h, p)), dt, A, B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)),
+                               D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+
+
 # ---- torch.library op --------------------------------------------------------------------------
 
 @torch.library.custom_op("aim_kernels::ssd_replay_step", mutates_args=("hist_x", "hist_B", "hist_dt", "hist_cum"))
@@ -109,6 +123,20 @@ def _ssd_replay_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 @_ssd_replay_step.register_fake
 def _(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("aim_kernels::mamba2_replay_step",
+                         mutates_args=("conv_state", "hist_x", "hist_B", "hist_dt", "hist_cum"))
+def _mamba2_replay_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                        conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                        hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> Tensor:
+    return mamba2_replay_step_ref(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B,
+                                  hist_dt, hist_cum, step).contiguous()
+
+
+@_mamba2_replay_step.register_fake
+def _(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step):
+    return xBC.new_empty(xBC.shape[0], *hist_x.shape[2:])
 
 
 # ---- Triton backend ----------------------------------------------------------------------------
@@ -131,6 +159,26 @@ def not_supported_reasons(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
         if t.stride(-1) != 1:
             reasons.append(f"{name}'s last dimension is not contiguous (stride(-1) != 1)")
     reasons += _triton.pow2_reasons(headdim=x.shape[2], d_state=B.shape[2])
+    return reasons
+
+
+def _split_xBC(xBC: Tensor, hist_x: Tensor, hist_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Views x (R, H, P), B, C (R, G, N) of a conv input or output xBC (R, H*P + 2*G*N)."""
+    h, p = hist_x.shape[2:]
+    g, n = hist_B.shape[2:]
+    x, B, C = xBC.split([h * p, g * n, g * n], dim=-1)
+    return x.unflatten(-1, (h, p)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
+
+
+def fused_not_supported_reasons(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                                conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                                hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> list[str]:
+    """Why the Triton kernels cannot run mamba2_replay_step on these (validated) inputs; empty: they can."""
+    x, B, C = _split_xBC(xBC, hist_x, hist_B)
+    reasons = not_supported_reasons(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+    reasons += _triton.dtype_reasons(conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias)
+    if conv_weight.shape[1] > MAX_WIDTH:
+        reasons.append(f"conv width {conv_weight.shape[1]} > {MAX_WIDTH}")
     return reasons
 
 
@@ -162,11 +210,20 @@ def launch_config(rows: int, nheads: int, headdim: int, max_len: int,
 if triton is not None:
     @triton.jit
     def _weights_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, dt_bias_ptr, hx_ptr, hB_ptr, hdt_ptr, hcum_ptr,
-                        step_ptr, w_ptr, stride_xr, stride_xh, stride_dtr, stride_dth, stride_br, stride_bg,
-                        stride_cr, stride_cg, T, H, G, HEADS_PER_GROUP,
-                        P: tl.constexpr, N: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+                        step_ptr, w_ptr, cs_ptr, cw_ptr, cb_ptr,
+                        stride_xr, stride_xh, stride_dtr, stride_dth, stride_br, stride_bg, stride_cr, stride_cg,
+                        stride_csr, stride_csc, stride_css, stride_cwc, stride_cwk, S, T, H, G, HEADS_PER_GROUP,
+                        P: tl.constexpr, N: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                        CONV: tl.constexpr, W: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+                        BLOCK_STATE: tl.constexpr, BLOCK_CX: tl.constexpr):
         """w[r, s, h] = (C_t . B_s) exp(cum_t - cum_s) dt_s for s <= t in this program's block, heads
-        of group g; the program whose block holds t appends x_t, B_t, dt_t, cum_t for the group."""
+        of group g; the program whose block holds t appends B_t, dt_t, cum_t (and x_t without CONV).
+
+        CONV: x_ptr is the row's conv input [x | B | C] (stride_xr per row) and cs/cw/cb the conv state,
+        weights and bias. B_t and C_t are the conv + SiLU outputs (every program recomputes them, from
+        L2); the programs of a row share out the group's x channels, BLOCK_CX at a time: conv + SiLU,
+        append at t, shift their conv windows (no other program reads them). `_weighted_sum_kernel`
+        shifts the B/C windows, once every program here has read them."""
         r = tl.program_id(0).to(tl.int64)
         s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
         g = tl.program_id(2)
@@ -175,16 +232,35 @@ if triton is not None:
         hmask = i < HEADS_PER_GROUP
         h = g * HEADS_PER_GROUP + i
         n = tl.arange(0, N)
+        row_ht = r * T * H                                                    # (R, T, H) arrays
+
+        if CONV:
+            xbc_row = x_ptr + r * stride_xr
+            cs_row = cs_ptr + r * stride_csr
+            # rounded to the input dtype, as a separate conv's output is
+            C = _conv_silu(xbc_row, cs_row, cw_ptr, cb_ptr, H * P + G * N + g * N + n, S, stride_csc, stride_css,
+                           stride_cwc, stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty).to(tl.float32)
+            B_t = _conv_silu(xbc_row, cs_row, cw_ptr, cb_ptr, H * P + g * N + n, S, stride_csc, stride_css,
+                             stride_cwc, stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty)
+            B_t = B_t.to(hB_ptr.dtype.element_ty)
+            if t < T:
+                group_channels = HEADS_PER_GROUP * P   # a multiple of BLOCK_CX (a divisor of P)
+                for c0 in range(tl.program_id(1) * BLOCK_CX, group_channels, tl.num_programs(1) * BLOCK_CX):
+                    c = g * group_channels + c0 + tl.arange(0, BLOCK_CX)
+                    x_t = _conv_silu(xbc_row, cs_row, cw_ptr, cb_ptr, c, S, stride_csc, stride_css, stride_cwc,
+                                     stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty)
+                    tl.store(hx_ptr + (row_ht + t * H) * P + c, x_t.to(hx_ptr.dtype.element_ty))
+                    _shift_conv_state(xbc_row, cs_row, c, S, stride_csc, stride_css, BLOCK_STATE)
+        else:
+            C = tl.load(C_ptr + r * stride_cr + g * stride_cg + n).to(tl.float32)
+            B_t = tl.load(B_ptr + r * stride_br + g * stride_bg + n).to(hB_ptr.dtype.element_ty)
 
         # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
         dt = (tl.load(dt_ptr + r * stride_dtr + h * stride_dth, mask=hmask, other=0.0).to(tl.float64)
               + tl.load(dt_bias_ptr + h, mask=hmask, other=0.0).to(tl.float64))
         dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
-        row_ht = r * T * H                                                    # (R, T, H) arrays
         prev = tl.load(hcum_ptr + row_ht + (t - 1) * H + h, mask=hmask & (t > 0) & (t <= T), other=0.0)
         cum_t = prev + dt * tl.load(A_ptr + h, mask=hmask, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + r * stride_cr + g * stride_cg + n).to(tl.float32)
-        B_t = tl.load(B_ptr + r * stride_br + g * stride_bg + n).to(hB_ptr.dtype.element_ty)
 
         # s < t from the histories; s = t from the inputs (no entry written in this launch is read)
         past = (s < t) & (s < T)
@@ -202,20 +278,25 @@ if triton is not None:
         tl.store(w_ptr + sh, w, mask=used & (s < T)[:, None])
 
         if (t >= tl.program_id(1) * BLOCK_S) & (t < tl.program_id(1) * BLOCK_S + BLOCK_S) & (t < T):
-            p = tl.arange(0, P)
-            x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask[:, None], other=0.0)
-            tl.store(hx_ptr + (row_ht + t * H + h[:, None]) * P + p[None, :], x_t.to(hx_ptr.dtype.element_ty),
-                     mask=hmask[:, None])
+            if not CONV:
+                p = tl.arange(0, P)
+                x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask[:, None],
+                              other=0.0)
+                tl.store(hx_ptr + (row_ht + t * H + h[:, None]) * P + p[None, :], x_t.to(hx_ptr.dtype.element_ty),
+                         mask=hmask[:, None])
             tl.store(hB_row + t * (G * N) + n, B_t)
             tl.store(hdt_ptr + row_ht + t * H + h, dt, mask=hmask)
             tl.store(hcum_ptr + row_ht + t * H + h, cum_t, mask=hmask)
 
     @triton.jit
-    def _weighted_sum_kernel(x_ptr, D_ptr, hx_ptr, w_ptr, step_ptr, y_ptr, part_ptr, stride_xr, stride_xh,
-                             T, H, S_PER_SPLIT, P: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr,
-                             SPLIT: tl.constexpr):
+    def _weighted_sum_kernel(x_ptr, D_ptr, hx_ptr, w_ptr, step_ptr, y_ptr, part_ptr, cs_ptr, stride_xr, stride_xh,
+                             stride_csr, stride_csc, stride_css, S, T, H, G, S_PER_SPLIT,
+                             P: tl.constexpr, N: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr,
+                             SPLIT: tl.constexpr, CONV: tl.constexpr, BLOCK_STATE: tl.constexpr):
         """y[r, h] = sum_{s <= t} w[r, s, h] x_s[h] (+ D x_t): (BLOCK_S x HEADS, P) tiles of the x
-        history, float32 products accumulated elementwise, reduced once at the end."""
+        history, float32 products accumulated elementwise, reduced once at the end. CONV: x_t is
+        history entry t (the weights kernel appended it), and the first program of each row shifts
+        the row's B/C conv windows (x_ptr: the conv input)."""
         r = tl.program_id(0).to(tl.int64)
         h0 = tl.program_id(1) * HEADS
         k = tl.program_id(2)
@@ -239,15 +320,67 @@ if triton is not None:
         hp = h[:, None] * P + p[None, :]
         hmask = (h < H)[:, None]
         if k == 0:
-            x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask, other=0.0)
+            if CONV:
+                x_t = tl.load(hx_ptr + (r * T + t) * (H * P) + hp, mask=hmask & (t < T), other=0.0)
+            else:
+                x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask, other=0.0)
             out += tl.load(D_ptr + h, mask=h < H, other=0.0).to(tl.float32)[:, None] * x_t.to(tl.float32)
         if SPLIT:
             tl.store(part_ptr + (k * tl.num_programs(0) + r) * (H * P) + hp, out, mask=hmask)
         else:
             tl.store(y_ptr + r * (H * P) + hp, out.to(y_ptr.dtype.element_ty), mask=hmask)
+        if CONV:
+            if (tl.program_id(1) == 0) & (k == 0):
+                for c0 in range(H * P, H * P + 2 * G * N, N):
+                    _shift_conv_state(x_ptr + r * stride_xr, cs_ptr + r * stride_csr, c0 + tl.arange(0, N), S,
+                                      stride_csc, stride_css, BLOCK_STATE)
 
 
 WEIGHTS_BLOCK_S = 32
+X_CHANNELS_PER_ITER = 64  # conv channels of x per weights-kernel iteration (CONV; at most P)
+
+
+def _launch(dt: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
+            hist_cum: Tensor, step: Tensor, config: Optional[tuple[int, int, int, int]],
+            x: Optional[Tensor] = None, B: Optional[Tensor] = None, C: Optional[Tensor] = None,
+            xBC: Optional[Tensor] = None, conv_state: Optional[Tensor] = None, conv_weight: Optional[Tensor] = None,
+            conv_bias: Optional[Tensor] = None) -> Tensor:
+    """The two (three) launches, from x, B, C (ssd_replay_step) or from the conv input xBC (mamba2_replay_step)."""
+    rows, T, h, p = hist_x.shape
+    g, n = hist_B.shape[2:]
+    conv = xBC is not None
+    heads, block_s, splits, warps = config or launch_config(rows, h, p, T, hist_x.device)
+    y, w, partials = _alloc_outputs(rows, h, p, T, splits, (xBC if conv else x).dtype, hist_x.device)
+    if rows == 0:
+        return y
+    A, D, dt_bias = (t.contiguous() for t in (A, D, dt_bias))
+    per_group = h // g
+    group_pad = triton.next_power_of_2(per_group)
+    if conv:
+        x_in, xs = xBC, (xBC.stride(0), 0)
+        conv_args = (conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight)
+        conv_strides = (*conv_state.stride(), *conv_weight.stride(), conv_state.shape[2])
+        width, block_state = conv_weight.shape[1], triton.next_power_of_2(conv_state.shape[2])
+    else:
+        x_in, xs = x, (x.stride(0), x.stride(1))
+        conv_args, conv_strides, width, block_state = (x, x, x), (0, 0, 0, 0, 0, 1), 2, 1
+    B_in, C_in = (xBC, xBC) if conv else (B, C)
+    b_strides = (0, 0, 0, 0) if conv else (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
+    _weights_kernel[(rows, triton.cdiv(T, WEIGHTS_BLOCK_S), g)](
+        x_in, dt, A, B_in, C_in, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, w, *conv_args,
+        *xs, dt.stride(0), dt.stride(1), *b_strides, *conv_strides, T, h, g, per_group,
+        P=p, N=n, GROUP_PAD=group_pad, BLOCK_S=WEIGHTS_BLOCK_S, CONV=conv, W=width,
+        HAS_CONV_BIAS=conv_bias is not None, BLOCK_STATE=block_state, BLOCK_CX=min(p, X_CHANNELS_PER_ITER),
+        num_warps=8 if group_pad * p >= 4096 else 4)
+    s_per_split = triton.cdiv(triton.cdiv(T, splits), block_s) * block_s
+    _weighted_sum_kernel[(rows, triton.cdiv(h, heads), splits)](
+        x_in, D, hist_x, w, step, y, partials, conv_args[0], *xs, *conv_strides[:3], conv_strides[-1], T, h, g,
+        s_per_split, P=p, N=n, HEADS=heads, BLOCK_S=block_s, SPLIT=splits > 1, CONV=conv,
+        BLOCK_STATE=block_state, num_warps=warps)
+    if splits > 1:
+        numel = y.numel()
+        _triton.sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024, num_warps=4)
+    return y
 
 
 def ssd_replay_step_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
@@ -260,32 +393,27 @@ def ssd_replay_step_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
     reasons = not_supported_reasons(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
     if reasons:
         raise ValueError("the Triton ssd_replay_step cannot run these inputs: " + "; ".join(reasons))
-    rows, T, h, p = hist_x.shape
-    g, n = hist_B.shape[2:]
-    heads, block_s, splits, warps = config or launch_config(rows, h, p, T, x.device)
-    y, w, partials = _alloc_outputs(rows, h, p, T, splits, x.dtype, x.device)
-    if rows == 0:
-        return y
-    A, D, dt_bias = (t.contiguous() for t in (A, D, dt_bias))
-    per_group = h // g
-    group_pad = triton.next_power_of_2(per_group)
-    _weights_kernel[(rows, triton.cdiv(T, WEIGHTS_BLOCK_S), g)](
-        x, dt, A, B, C, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, w,
-        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-        T, h, g, per_group, P=p, N=n, GROUP_PAD=group_pad, BLOCK_S=WEIGHTS_BLOCK_S,
-        num_warps=8 if group_pad * p >= 4096 else 4)
-    s_per_split = triton.cdiv(triton.cdiv(T, splits), block_s) * block_s
-    _weighted_sum_kernel[(rows, triton.cdiv(h, heads), splits)](
-        x, D, hist_x, w, step, y, partials, x.stride(0), x.stride(1), T, h, s_per_split,
-        P=p, HEADS=heads, BLOCK_S=block_s, SPLIT=splits > 1, num_warps=warps)
-    if splits > 1:
-        numel = y.numel()
-        _triton.sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024, num_warps=4)
-    return y
+    return _launch(dt, A, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, config, x=x, B=B, C=C)
+
+
+def mamba2_replay_step_triton(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                              conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                              hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor,
+                              config: Optional[tuple[int, int, int, int]] = None) -> Tensor:
+    """The Triton path of mamba2_replay_step (CPU tensors under TRITON_INTERPRET=1 for tests)."""
+    reasons = fused_not_supported_reasons(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x,
+                                          hist_B, hist_dt, hist_cum, step)
+    if reasons:
+        raise ValueError("the Triton mamba2_replay_step cannot run these inputs: " + "; ".join(reasons))
+    return _launch(dt, A, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, config, xBC=xBC,
+                   conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias)
 
 
 _ext.register_backend(_ssd_replay_step, "triton", device_type="cuda", impl=ssd_replay_step_triton,
                       not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
+_ext.register_backend(_mamba2_replay_step, "triton", device_type="cuda", impl=mamba2_replay_step_triton,
+                      not_supported_reasons=fused_not_supported_reasons,
+                      unavailable_reasons=_triton.unavailable_reasons)
 
 
 # ---- public API --------------------------------------------------------------------------------
@@ -299,6 +427,12 @@ def ssd_replay_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     or float64) from `allocate_replay_history`; step: 0-dim int64 tensor on the inputs' device, in
     [0, T), the same for every row. Returns y_t (R, H, P) in x's dtype, without the z gate.
     """
+    _check_step_args(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+    return _ssd_replay_step(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+
+
+def _check_step_args(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+                     hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise ValueError(f"x must be (rows, nheads, headdim), got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -320,8 +454,40 @@ def ssd_replay_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     check_tensor("hist_dt", hist_dt, (rows, T, h), device=dev, dtypes=HIST_STAT_DTYPES)
     check_tensor("hist_cum", hist_cum, (rows, T, h), device=dev, dtypes=HIST_STAT_DTYPES)
     check_tensor("step", step, (), device=dev, dtypes=(torch.int64,))
-    return _ssd_replay_step(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
 
 
-__all__ = ["allocate_replay_history", "launch_config", "not_supported_reasons", "ssd_replay_step",
+def mamba2_replay_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                       conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                       hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> Tensor:
+    """`causal_conv1d_update` (SiLU) of xBC, then `ssd_replay_step` on its output, in one op (two launches
+    on the GPU: the conv runs inside the replay kernels).
+
+    xBC (R, H*P + 2*G*N): the conv input [x | B | C] (in_proj's middle columns); conv_state (R, H*P +
+    2*G*N, S >= width - 1), updated in place; conv_weight (H*P + 2*G*N, width); conv_bias or None; the
+    rest as `ssd_replay_step` (H, P from hist_x; G, N from hist_B). Returns y_t (R, H, P).
+    """
+    if not isinstance(hist_x, Tensor) or hist_x.dim() != 4 or not isinstance(hist_B, Tensor) or hist_B.dim() != 4:
+        raise ValueError("hist_x must be (rows, T, nheads, headdim) and hist_B (rows, T, ngroups, d_state)")
+    rows, _, h, p = hist_x.shape
+    g, n = hist_B.shape[2:]
+    dim = h * p + 2 * g * n
+    check_tensor("xBC", xBC, (rows, dim), device=hist_x.device)
+    check_tensor("conv_weight", conv_weight, (dim, None), device=xBC.device)
+    width = conv_weight.shape[1]
+    if not 2 <= width <= MAX_WIDTH:
+        raise ValueError(f"the conv width must be 2..{MAX_WIDTH}, got {width}")
+    if conv_bias is not None:
+        check_tensor("conv_bias", conv_bias, (dim,), device=xBC.device)
+    check_tensor("conv_state", conv_state, (rows, dim, None), device=xBC.device)
+    if conv_state.shape[2] < width - 1:
+        raise ValueError(f"conv_state holds {conv_state.shape[2]} steps, the width-{width} conv needs at least "
+                         f"{width - 1}")
+    x, B, C = _split_xBC(xBC, hist_x, hist_B)
+    _check_step_args(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+    return _mamba2_replay_step(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B, hist_dt,
+                               hist_cum, step)
+
+
+__all__ = ["allocate_replay_history", "fused_not_supported_reasons", "launch_config", "mamba2_replay_step",
+           "mamba2_replay_step_ref", "mamba2_replay_step_triton", "not_supported_reasons", "ssd_replay_step",
            "ssd_replay_step_ref", "ssd_replay_step_triton"]

@@ -338,3 +338,146 @@ def test_triton_gpu_cuda_graph():
     assert step.item() == T
     seq64 = {k: v.double().cpu() for k, v in seq.items()}
     assert rel_err(torch.stack(ys, dim=1), chunked(seq64)) < 1e-5
+
+
+# ---- mamba2_replay_step: the conv update inside the replay step ----------------------------------------
+
+def conv_sequence(rows, T, h, p, g, n, width=4, state_len=3, bias=True, dtype=F64, device="cpu"):
+    """Raw conv inputs xBC (R, T, H*P + 2*G*N) with the conv's weights and initial state, and the rest of
+    `sequence`'s per-step inputs."""
+    dim = h * p + 2 * g * n
+    f = dict(dtype=dtype, device=device)
+    seq = sequence(rows, T, h, p, g, n, dtype, device)
+    seq.update(xBC=torch.randn(rows, T, dim, **f), conv_weight=0.5 * torch.randn(dim, width, **f),
+               conv_bias=0.1 * torch.randn(dim, **f) if bias else None,
+               conv_state=torch.randn(rows, dim, state_len, **f))
+    for k in ("x", "B", "C"):
+        del seq[k]
+    return seq
+
+
+def run_fused_steps(fn, seq, conv_state, hist, step):
+    ys = []
+    for t in range(seq["xBC"].shape[1]):
+        ys.append(fn(seq["xBC"][:, t], seq["dt"][:, t], conv_state, seq["conv_weight"], seq["conv_bias"], seq["A"],
+                     seq["D"], seq["dt_bias"], *hist, step))
+        step += 1
+    return torch.stack(ys, dim=1)
+
+
+def test_fused_equals_full_sequence():
+    """Stepping the fused reference from a zero conv state equals the full-sequence conv + chunked scan."""
+    from aim_kernels.causal_conv1d import causal_conv1d_ref
+    rows, T, h, p, g, n = 2, 11, 4, 8, 2, 8
+    seq = conv_sequence(rows, T, h, p, g, n)
+    hist = histories({"x": torch.empty(rows, T, h, p), "B": torch.empty(rows, T, g, n)}, T + 2, F64)
+    conv_state = torch.zeros(rows, h * p + 2 * g * n, 3, dtype=F64)
+    y = run_fused_steps(replay.mamba2_replay_step, seq, conv_state, hist, torch.zeros((), dtype=torch.long))
+    xBC = causal_conv1d_ref(seq["xBC"].transpose(1, 2), seq["conv_weight"], seq["conv_bias"], True).transpose(1, 2)
+    x, B, C = xBC.split([h * p, g * n, g * n], dim=-1)
+    full = dict(seq, x=x.unflatten(-1, (h, p)), B=B.unflatten(-1, (g, n)), C=C.unflatten(-1, (g, n)))
+    assert rel_err(y, chunked(full)) < 1e-12
+    assert torch.equal(conv_state, seq["xBC"][:, -3:].transpose(1, 2))  # the last three inputs
+
+
+def fused_args(seq, conv_state, hist, t):
+    return (seq["xBC"][:, t], seq["dt"][:, t], conv_state, seq["conv_weight"], seq["conv_bias"], seq["A"], seq["D"],
+            seq["dt_bias"], *hist, torch.tensor(t, device=seq["A"].device))
+
+
+def test_fused_opcheck_and_validation():
+    seq = conv_sequence(3, 4, 4, 4, 2, 8)
+    hist = histories({"x": torch.empty(3, 4, 4, 4), "B": torch.empty(3, 4, 2, 8)}, 6, F64, stale=False)
+    args = fused_args(seq, seq["conv_state"].clone(), hist, 0)
+    torch.library.opcheck(replay._mamba2_replay_step, args)
+
+    def fails(exc, pos, value, match):
+        bad = list(args)
+        bad[pos] = value
+        with pytest.raises(exc, match=match):
+            replay.mamba2_replay_step(*bad)
+
+    fails(ValueError, 0, args[0][:, :-1], r"xBC must have shape \(3, 48\)")
+    fails(ValueError, 2, args[2][:, :, :1], "conv_state holds 1 steps")
+    fails(ValueError, 3, torch.randn(48, 5, dtype=F64), "conv width must be 2..4")
+    fails(ValueError, 4, args[4][:5], r"conv_bias must have shape \(48\)")
+    fails(ValueError, 1, args[1][:, :3], "dt must have shape")
+    fails(ValueError, 9, hist[1][:, :3], "hist_B must have shape")
+    fails(ValueError, 8, hist[0][:, :, :3], r"xBC must have shape \(3, 44\)")  # H, P come from hist_x
+
+
+def rounded_conv_ref(dtype):
+    """mamba2_replay_step_ref in float64 with the conv outputs rounded to `dtype`, as the kernels (and the
+    model's separate conv, whose output is in the model dtype) round them."""
+    from aim_kernels.causal_conv1d import causal_conv1d_update_ref
+
+    def ref(xBC, dt, conv_state, weight, bias, A, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step):
+        out = causal_conv1d_update_ref(xBC, conv_state, weight, bias, True).to(dtype).double()
+        x, B, C = replay._split_xBC(out, hist_x, hist_B)
+        return ssd_replay_step_ref(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+    return ref
+
+
+def check_fused_steps(seq, dtype, max_len, device, config=None):
+    """The Triton path over the sequence (stale histories, random initial conv windows) against the
+    float64 reference on the same dtype-rounded inputs: y, the appended history entries, the windows."""
+    seq_in = {k: v.to(device, torch.float32 if k == "A" else dtype) if isinstance(v, torch.Tensor) else v
+              for k, v in seq.items()}
+    seq_ref = {k: v.double().cpu() if isinstance(v, torch.Tensor) else v for k, v in seq_in.items()}
+    rows, T, _ = seq["xBC"].shape
+    shapes = {"x": torch.empty(rows, T, *seq["hp"]), "B": torch.empty(rows, T, *seq["gn"])}
+    hist = histories(shapes, max_len, dtype, device=device)
+    hist_ref = [t.double().cpu() for t in hist]
+    conv_state, conv_ref = seq_in["conv_state"].clone(), seq_ref["conv_state"].clone()
+    step, step_ref = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), dtype=torch.long)
+    if device == "cpu":
+        fn = lambda *a: replay.mamba2_replay_step_triton(*a, config=config)  # noqa: E731
+    else:
+        args = fused_args(seq_in, conv_state, hist, 0)
+        assert replay.fused_not_supported_reasons(*args) == []
+        assert _ext.backend_for(replay._mamba2_replay_step, *args) == "triton"
+        fn = replay.mamba2_replay_step
+    y = run_fused_steps(fn, seq_in, conv_state, hist, step)
+    y_ref = run_fused_steps(rounded_conv_ref(dtype), seq_ref, conv_ref, hist_ref, step_ref)
+    assert y.dtype == dtype and y.shape == y_ref.shape and not y.isnan().any()
+    for t in range(T):
+        assert rel_err(y[:, t], y_ref[:, t]) < TOL[dtype], t
+    assert torch.equal(conv_state.cpu().double(), conv_ref)
+    for got, exp in zip(hist, hist_ref):  # x and B entries are conv outputs, rounded to dtype by the kernel
+        assert rel_err(got[:, :T], exp[:, :T]) < TOL[dtype]
+        assert torch.equal(got[:, T:].cpu().double().nan_to_num(), exp[:, T:].nan_to_num())  # untouched
+    return y
+
+
+def fused_case(rows, T, h, p, g, n, width=4, state_len=3, bias=True, device="cpu"):
+    seq = conv_sequence(rows, T, h, p, g, n, width, state_len, bias, device=device)
+    seq.update(hp=(h, p), gn=(g, n))
+    return seq
+
+
+# (rows, T, heads, headdim, groups, d_state, extra, width, state_len, conv bias, dtype, config, weights block);
+# no bfloat16: the interpreter (Triton 3.8) truncates float32 -> bfloat16 casts (the GPU tests cover bf16)
+FUSED_CASES = [
+    (2, 9, 6, 16, 2, 16, 3, 4, 3, True, torch.float32, None, 32),
+    (1, 7, 2, 4, 1, 8, 0, 3, 5, False, torch.float32, (2, 4, 3, 4), 32),
+    (3, 9, 4, 16, 1, 16, 2, 4, 3, True, torch.float16, None, 4),    # 3 weights programs per row share x's conv
+    (2, 6, 2, 128, 1, 8, 1, 2, 1, True, torch.float16, None, 2),    # headdim 128: two conv chunks per head
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fused_triton_interpreter(case, monkeypatch):
+    needs_interpreter()
+    rows, T, h, p, g, n, extra, width, state_len, bias, dtype, config, block = case
+    poisoned_outputs(monkeypatch)
+    monkeypatch.setattr(replay, "WEIGHTS_BLOCK_S", block)
+    check_fused_steps(fused_case(rows, T, h, p, g, n, width, state_len, bias), dtype, T + extra, "cpu", config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,h,dtype", [(2, 48, torch.float32), (32, 24, torch.bfloat16), (128, 32, torch.float32),
+                                          (128, 48, torch.bfloat16)])
+def test_fused_triton_gpu_steps(rows, h, dtype, monkeypatch):
+    """AiM's layer shapes (P 64, N 128, width 4), 40 steps, the launch configs of small and large R."""
+    poisoned_outputs(monkeypatch)
+    check_fused_steps(fused_case(rows, 40, h, 64, 1, 128), dtype, 64, "cuda")
