@@ -31,6 +31,11 @@ Measured (H200, triton 3.6, all 256 steps in one CUDA graph, mean per step and l
 for a plain copy of the fp32 state (403 MB at 4.04 TB/s, the recurrent form's floor) and the
 official selective_state_update's 127 us (AIM_SPEC section 8).
 
+`mamba2_replay_step` is the same step from the conv input: the causal conv update (+ SiLU) of
+[x | B | C] runs inside the two kernels below (the weights kernel convolves B and C, the weighted-sum
+kernel its head block's x channels and shifts the windows), one launch per layer fewer than a separate
+causal_conv1d_update.
+
 Triton backend (CUDA; CPU tensors under TRITON_INTERPRET=1 through `ssd_replay_step_triton`), two
 launches (three with SPLITS > 1):
 1. `_weights_kernel`, grid (R, T / 32, G): dt_t = softplus(dt + dt_bias) and cum_t = cum_{t-1} +
@@ -214,16 +219,13 @@ if triton is not None:
                         stride_xr, stride_xh, stride_dtr, stride_dth, stride_br, stride_bg, stride_cr, stride_cg,
                         stride_csr, stride_csc, stride_css, stride_cwc, stride_cwk, S, T, H, G, HEADS_PER_GROUP,
                         P: tl.constexpr, N: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-                        CONV: tl.constexpr, W: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-                        BLOCK_STATE: tl.constexpr, BLOCK_CX: tl.constexpr):
+                        CONV: tl.constexpr, W: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
         """w[r, s, h] = (C_t . B_s) exp(cum_t - cum_s) dt_s for s <= t in this program's block, heads
         of group g; the program whose block holds t appends B_t, dt_t, cum_t (and x_t without CONV).
 
         CONV: x_ptr is the row's conv input [x | B | C] (stride_xr per row) and cs/cw/cb the conv state,
-        weights and bias. B_t and C_t are the conv + SiLU outputs (every program recomputes them, from
-        L2); the programs of a row share out the group's x channels, BLOCK_CX at a time: conv + SiLU,
-        append at t, shift their conv windows (no other program reads them). `_weighted_sum_kernel`
-        shifts the B/C windows, once every program here has read them."""
+        weights and bias; B_t and C_t are the conv + SiLU outputs (every program recomputes them, from
+        L2). `_weighted_sum_kernel` convolves x and shifts every window, after all reads here."""
         r = tl.program_id(0).to(tl.int64)
         s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
         g = tl.program_id(2)
@@ -243,14 +245,6 @@ if triton is not None:
             B_t = _conv_silu(xbc_row, cs_row, cw_ptr, cb_ptr, H * P + g * N + n, S, stride_csc, stride_css,
                              stride_cwc, stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty)
             B_t = B_t.to(hB_ptr.dtype.element_ty)
-            if t < T:
-                group_channels = HEADS_PER_GROUP * P   # a multiple of BLOCK_CX (a divisor of P)
-                for c0 in range(tl.program_id(1) * BLOCK_CX, group_channels, tl.num_programs(1) * BLOCK_CX):
-                    c = g * group_channels + c0 + tl.arange(0, BLOCK_CX)
-                    x_t = _conv_silu(xbc_row, cs_row, cw_ptr, cb_ptr, c, S, stride_csc, stride_css, stride_cwc,
-                                     stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty)
-                    tl.store(hx_ptr + (row_ht + t * H) * P + c, x_t.to(hx_ptr.dtype.element_ty))
-                    _shift_conv_state(xbc_row, cs_row, c, S, stride_csc, stride_css, BLOCK_STATE)
         else:
             C = tl.load(C_ptr + r * stride_cr + g * stride_cg + n).to(tl.float32)
             B_t = tl.load(B_ptr + r * stride_br + g * stride_bg + n).to(hB_ptr.dtype.element_ty)
@@ -289,14 +283,19 @@ if triton is not None:
             tl.store(hcum_ptr + row_ht + t * H + h, cum_t, mask=hmask)
 
     @triton.jit
-    def _weighted_sum_kernel(x_ptr, D_ptr, hx_ptr, w_ptr, step_ptr, y_ptr, part_ptr, cs_ptr, stride_xr, stride_xh,
-                             stride_csr, stride_csc, stride_css, S, T, H, G, S_PER_SPLIT,
+    def _weighted_sum_kernel(x_ptr, D_ptr, hx_ptr, w_ptr, step_ptr, y_ptr, part_ptr, cs_ptr, cw_ptr, cb_ptr,
+                             stride_xr, stride_xh, stride_csr, stride_csc, stride_css, stride_cwc, stride_cwk,
+                             S, T, H, G, S_PER_SPLIT,
                              P: tl.constexpr, N: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr,
-                             SPLIT: tl.constexpr, CONV: tl.constexpr, BLOCK_STATE: tl.constexpr):
+                             SPLIT: tl.constexpr, CONV: tl.constexpr, W: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+                             BLOCK_STATE: tl.constexpr):
         """y[r, h] = sum_{s <= t} w[r, s, h] x_s[h] (+ D x_t): (BLOCK_S x HEADS, P) tiles of the x
-        history, float32 products accumulated elementwise, reduced once at the end. CONV: x_t is
-        history entry t (the weights kernel appended it), and the first program of each row shifts
-        the row's B/C conv windows (x_ptr: the conv input)."""
+        history, float32 products accumulated elementwise, reduced once at the end.
+
+        CONV (HEADS divides H): x_ptr is the row's conv input; x_t is this head block's conv + SiLU,
+        computed before the loop (the loop then covers s < t), and split 0 appends it at t, shifts the
+        block's conv windows (their only reader) and, in head block 0, the row's B/C windows (the
+        weights kernel, their other reader, has finished)."""
         r = tl.program_id(0).to(tl.int64)
         h0 = tl.program_id(1) * HEADS
         k = tl.program_id(2)
@@ -305,8 +304,19 @@ if triton is not None:
         e = tl.arange(0, K)
         he = h0 + e % HEADS                                                   # tile row e: entry e // HEADS
         p = tl.arange(0, P)
+        h = h0 + tl.arange(0, HEADS)
+        hp = h[:, None] * P + p[None, :]
+        hmask = (h < H)[:, None]
+        if CONV:  # rounded to the input dtype, as a separate conv's output is, then as the history stores it
+            x_t = _conv_silu(x_ptr + r * stride_xr, cs_ptr + r * stride_csr, cw_ptr, cb_ptr, hp, S, stride_csc,
+                             stride_css, stride_cwc, stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty)
+            x_t = x_t.to(hx_ptr.dtype.element_ty)
+            last = t     # entry t is not in the history yet
+        else:
+            x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask, other=0.0)
+            last = t + 1
         s_lo = k * S_PER_SPLIT
-        s_end = tl.minimum(tl.minimum(s_lo + S_PER_SPLIT, t + 1), T)
+        s_end = tl.minimum(tl.minimum(s_lo + S_PER_SPLIT, last), T)
         acc = tl.zeros((K, P), dtype=tl.float32)
         for s0 in range(s_lo, s_end, BLOCK_S):
             s = s0 + e // HEADS
@@ -316,28 +326,27 @@ if triton is not None:
             xs = tl.load(hx_ptr + sh[:, None] * P + p[None, :], mask=mask[:, None], other=0.0)
             acc += w[:, None] * xs.to(tl.float32)
         out = tl.sum(tl.reshape(acc, (BLOCK_S, HEADS, P)), axis=0)          # (HEADS, P)
-        h = h0 + tl.arange(0, HEADS)
-        hp = h[:, None] * P + p[None, :]
-        hmask = (h < H)[:, None]
         if k == 0:
-            if CONV:
-                x_t = tl.load(hx_ptr + (r * T + t) * (H * P) + hp, mask=hmask & (t < T), other=0.0)
-            else:
-                x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask, other=0.0)
-            out += tl.load(D_ptr + h, mask=h < H, other=0.0).to(tl.float32)[:, None] * x_t.to(tl.float32)
+            coef = tl.load(D_ptr + h, mask=h < H, other=0.0).to(tl.float32)
+            if CONV:  # the s = t term
+                coef += tl.load(w_ptr + (r * T + t) * H + h, mask=(h < H) & (t < T), other=0.0)
+            out += coef[:, None] * x_t.to(tl.float32)
         if SPLIT:
             tl.store(part_ptr + (k * tl.num_programs(0) + r) * (H * P) + hp, out, mask=hmask)
         else:
             tl.store(y_ptr + r * (H * P) + hp, out.to(y_ptr.dtype.element_ty), mask=hmask)
         if CONV:
-            if (tl.program_id(1) == 0) & (k == 0):
-                for c0 in range(H * P, H * P + 2 * G * N, N):
-                    _shift_conv_state(x_ptr + r * stride_xr, cs_ptr + r * stride_csr, c0 + tl.arange(0, N), S,
-                                      stride_csc, stride_css, BLOCK_STATE)
+            if k == 0:
+                tl.store(hx_ptr + (r * T + t) * (H * P) + hp, x_t, mask=t < T)
+                _shift_conv_state(x_ptr + r * stride_xr, cs_ptr + r * stride_csr, tl.reshape(hp, (HEADS * P,)), S,
+                                  stride_csc, stride_css, BLOCK_STATE)
+                if tl.program_id(1) == 0:
+                    for c0 in range(H * P, H * P + 2 * G * N, N):
+                        _shift_conv_state(x_ptr + r * stride_xr, cs_ptr + r * stride_csr, c0 + tl.arange(0, N), S,
+                                          stride_csc, stride_css, BLOCK_STATE)
 
 
 WEIGHTS_BLOCK_S = 32
-X_CHANNELS_PER_ITER = 64  # conv channels of x per weights-kernel iteration (CONV; at most P)
 
 
 def _launch(dt: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor,
@@ -350,6 +359,8 @@ def _launch(dt: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor, h
     g, n = hist_B.shape[2:]
     conv = xBC is not None
     heads, block_s, splits, warps = config or launch_config(rows, h, p, T, hist_x.device)
+    if conv and h % heads:
+        raise ValueError(f"mamba2_replay_step: the head block ({heads}) must divide the {h} heads")
     y, w, partials = _alloc_outputs(rows, h, p, T, splits, (xBC if conv else x).dtype, hist_x.device)
     if rows == 0:
         return y
@@ -370,13 +381,12 @@ def _launch(dt: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor, h
         x_in, dt, A, B_in, C_in, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, w, *conv_args,
         *xs, dt.stride(0), dt.stride(1), *b_strides, *conv_strides, T, h, g, per_group,
         P=p, N=n, GROUP_PAD=group_pad, BLOCK_S=WEIGHTS_BLOCK_S, CONV=conv, W=width,
-        HAS_CONV_BIAS=conv_bias is not None, BLOCK_STATE=block_state, BLOCK_CX=min(p, X_CHANNELS_PER_ITER),
-        num_warps=8 if group_pad * p >= 4096 else 4)
+        HAS_CONV_BIAS=conv_bias is not None, num_warps=8 if group_pad * p >= 4096 else 4)
     s_per_split = triton.cdiv(triton.cdiv(T, splits), block_s) * block_s
     _weighted_sum_kernel[(rows, triton.cdiv(h, heads), splits)](
-        x_in, D, hist_x, w, step, y, partials, conv_args[0], *xs, *conv_strides[:3], conv_strides[-1], T, h, g,
-        s_per_split, P=p, N=n, HEADS=heads, BLOCK_S=block_s, SPLIT=splits > 1, CONV=conv,
-        BLOCK_STATE=block_state, num_warps=warps)
+        x_in, D, hist_x, w, step, y, partials, *conv_args, *xs, *conv_strides, T, h, g, s_per_split,
+        P=p, N=n, HEADS=heads, BLOCK_S=block_s, SPLIT=splits > 1, CONV=conv, W=width,
+        HAS_CONV_BIAS=conv_bias is not None, BLOCK_STATE=block_state, num_warps=warps)
     if splits > 1:
         numel = y.numel()
         _triton.sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024, num_warps=4)

@@ -460,8 +460,8 @@ def fused_case(rows, T, h, p, g, n, width=4, state_len=3, bias=True, device="cpu
 FUSED_CASES = [
     (2, 9, 6, 16, 2, 16, 3, 4, 3, True, torch.float32, None, 32),
     (1, 7, 2, 4, 1, 8, 0, 3, 5, False, torch.float32, (2, 4, 3, 4), 32),
-    (3, 9, 4, 16, 1, 16, 2, 4, 3, True, torch.float16, None, 4),    # 3 weights programs per row share x's conv
-    (2, 6, 2, 128, 1, 8, 1, 2, 1, True, torch.float16, None, 2),    # headdim 128: two conv chunks per head
+    (3, 9, 4, 16, 1, 16, 2, 4, 3, True, torch.float16, None, 4),    # 3 weights programs per row
+    (2, 6, 2, 128, 1, 8, 1, 2, 1, True, torch.float16, None, 2),    # width 2, one-step windows
 ]
 
 
