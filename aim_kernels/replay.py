@@ -381,7 +381,9 @@ def _launch(dt: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor, h
         x_in, dt, A, B_in, C_in, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, w, *conv_args,
         *xs, dt.stride(0), dt.stride(1), *b_strides, *conv_strides, T, h, g, per_group,
         P=p, N=n, GROUP_PAD=group_pad, BLOCK_S=WEIGHTS_BLOCK_S, CONV=conv, W=width,
-        HAS_CONV_BIAS=conv_bias is not None, num_warps=8 if group_pad * p >= 4096 else 4)
+        HAS_CONV_BIAS=conv_bias is not None,
+        # 8 warps serve the widest head groups without the conv; with it they made the kernel 2x slower (H100)
+        num_warps=8 if group_pad * p >= 4096 and not conv else 4)
     s_per_split = triton.cdiv(triton.cdiv(T, splits), block_s) * block_s
     _weighted_sum_kernel[(rows, triton.cdiv(h, heads), splits)](
         x_in, D, hist_x, w, step, y, partials, *conv_args, *xs, *conv_strides, T, h, g, s_per_split,

@@ -3,8 +3,8 @@ the out_proj input, in the two forms generation chooses between (aim/generation.
 
 - state: `mamba2_decode_step` (conv update + SSM state update + gated RMSNorm). Bytes: the fp32 SSM
   state read and written, plus the step's inputs and outputs.
-- replay at step t: what aim/model.py runs in that form: causal_conv1d_update, `ssd_replay_step`
-  (the SSD form over this sequence's t earlier entries: two Triton kernels) and rmsnorm_gated. Bytes:
+- replay at step t: what aim/model.py runs in that form: `mamba2_replay_step` (the conv update and
+  the SSD form over this sequence's t earlier entries: two Triton kernels) and rmsnorm_gated. Bytes:
   the t history entries read (x, B in the model dtype; dt, cum in float32), plus the step's inputs,
   appends and outputs. t = 128 is the mean over AiM's 256 steps.
 
@@ -61,10 +61,8 @@ def run_state(s, h):
 def run_replay(s, h):
     d_inner = h * P
     z, xBC, dt = s["zxbcdt"].split([d_inner, d_inner + 2 * N, h], -1)
-    xBC = ak.causal_conv1d_update(xBC, s["conv_state"], s["conv_weight"], s["conv_bias"], "silu")
-    x, B, C = xBC.split([d_inner, N, N], -1)
-    y = ak.ssd_replay_step(x.unflatten(-1, (h, P)), dt, s["A"], B.unflatten(-1, (1, N)), C.unflatten(-1, (1, N)),
-                           s["D"], s["dt_bias"], *s["hist"], s["step"])
+    y = ak.mamba2_replay_step(xBC, dt, s["conv_state"], s["conv_weight"], s["conv_bias"], s["A"], s["D"],
+                              s["dt_bias"], *s["hist"], s["step"])
     return ak.rmsnorm_gated(y.flatten(-2), z, s["norm_weight"], 1e-5, d_inner)
 
 
