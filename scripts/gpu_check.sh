@@ -73,7 +73,7 @@ step gpu_tests "$RES/tests.log" 300 $PY -m pytest -m gpu ${GPU_TESTS:-tests} -q 
 # ---- 4. compute-sanitizer ------------------------------------------------------------------------------
 KERNEL_TESTS="tests/test_causal_conv1d.py tests/test_decode.py::test_triton_gpu_steps tests/test_decode.py::test_triton_gpu_out_proj
   tests/test_norm_triton.py tests/test_sampling_triton.py tests/test_gemv.py::test_prologue_cuda
-  tests/test_group_norm.py::test_cuda_large_mean tests/test_replay.py::test_triton_gpu_steps
+  tests/test_group_norm.py::test_cuda_large_mean tests/test_replay.py::test_triton_gpu_steps tests/test_replay.py::test_fused_triton_gpu_steps
   tests/test_ssm.py::test_state_update_triton_gpu_mamba1 tests/test_gemv.py::test_gemm_cuda tests/test_elementwise.py"  # no CUDA-graph tests: capture needs the caching allocator
 SMEM_TESTS_K="bwd or (gemm_cuda and 999)"  # shared memory: the conv backward's block reduction, the GEMM's pipeline
 if [ -z "${SKIP_SANITIZER:-}" ]; then

@@ -476,7 +476,8 @@ def test_fused_triton_interpreter(case, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,h,dtype", [(2, 48, torch.float32), (32, 24, torch.bfloat16), (128, 32, torch.float32),
-                                          (128, 48, torch.bfloat16)])
+                                          (128, 48, torch.bfloat16)],
+                         ids=["2x48-fp32", "32x24-bf16", "aim_shapes_128x32-fp32", "aim_shapes_128x48-bf16"])
 def test_fused_triton_gpu_steps(rows, h, dtype, monkeypatch):
     """AiM's layer shapes (P 64, N 128, width 4), 40 steps, the launch configs of small and large R."""
     poisoned_outputs(monkeypatch)
