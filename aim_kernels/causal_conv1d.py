@@ -215,13 +215,19 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
 
     conv_state: (batch, dim, state_len), state_len >= width - 1, most recent input last.
     """
+    check_update_args(x, conv_state, weight, bias, activation)
+    return _causal_conv1d_update(x, conv_state, weight, bias, activation == "silu")
+
+
+def check_update_args(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      activation: Optional[str]) -> None:
+    """The checks of `causal_conv1d_update` (also run by ops that do the update inside their kernels)."""
     _check(x, weight, bias, activation, "(batch, dim)")
     dim, width = weight.shape
     check_tensor("conv_state", conv_state, (x.shape[0], dim, None), device=x.device)
     if conv_state.shape[2] < width - 1:
         raise ValueError(f"conv_state holds {conv_state.shape[2]} steps, the width-{width} conv needs "
                          f"at least {width - 1}")
-    return _causal_conv1d_update(x, conv_state, weight, bias, activation == "silu")
 
 
 __all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_ref", "causal_conv1d_update_ref",

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from . import _ext, _triton
 from ._util import check_tensor, compute_dtype
-from .causal_conv1d import MAX_WIDTH, causal_conv1d_update_ref
+from .causal_conv1d import MAX_WIDTH, causal_conv1d_update_ref, check_update_args
 from .decode import _conv_silu, _shift_conv_state
 from .ssm import _check_groups
 
@@ -105,16 +105,20 @@ def ssd_replay_step_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     return y.to(x.dtype)
 
 
+def _split_xBC(xBC: Tensor, hist_x: Tensor, hist_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Views x (R, H, P), B, C (R, G, N) of a conv input or output xBC (R, H*P + 2*G*N)."""
+    h, p = hist_x.shape[2:]
+    g, n = hist_B.shape[2:]
+    x, B, C = xBC.split([h * p, g * n, g * n], dim=-1)
+    return x.unflatten(-1, (h, p)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
+
+
 def mamba2_replay_step_ref(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
                            conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
                            hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> Tensor:
     """The causal conv update (+ SiLU) of xBC = [x | B | C], then `ssd_replay_step_ref` on its output."""
-    h, p = hist_x.shape[2:]
-    g, n = hist_B.shape[2:]
-    xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, True)
-    x, B, C = xBC.split([h * p, g * n, g * n], dim=-1)
-    return ssd_replay_step_ref(x.unflatten(-1, (h, p)), dt, A, B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)),
-                               D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+    x, B, C = _split_xBC(causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, True), hist_x, hist_B)
+    return ssd_replay_step_ref(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
 
 
 # ---- torch.library op --------------------------------------------------------------------------
@@ -165,14 +169,6 @@ def not_supported_reasons(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
             reasons.append(f"{name}'s last dimension is not contiguous (stride(-1) != 1)")
     reasons += _triton.pow2_reasons(headdim=x.shape[2], d_state=B.shape[2])
     return reasons
-
-
-def _split_xBC(xBC: Tensor, hist_x: Tensor, hist_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Views x (R, H, P), B, C (R, G, N) of a conv input or output xBC (R, H*P + 2*G*N)."""
-    h, p = hist_x.shape[2:]
-    g, n = hist_B.shape[2:]
-    x, B, C = xBC.split([h * p, g * n, g * n], dim=-1)
-    return x.unflatten(-1, (h, p)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
 
 
 def fused_not_supported_reasons(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
@@ -482,18 +478,8 @@ def mamba2_replay_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight:
         raise ValueError("hist_x must be (rows, T, nheads, headdim) and hist_B (rows, T, ngroups, d_state)")
     rows, _, h, p = hist_x.shape
     g, n = hist_B.shape[2:]
-    dim = h * p + 2 * g * n
-    check_tensor("xBC", xBC, (rows, dim), device=hist_x.device)
-    check_tensor("conv_weight", conv_weight, (dim, None), device=xBC.device)
-    width = conv_weight.shape[1]
-    if not 2 <= width <= MAX_WIDTH:
-        raise ValueError(f"the conv width must be 2..{MAX_WIDTH}, got {width}")
-    if conv_bias is not None:
-        check_tensor("conv_bias", conv_bias, (dim,), device=xBC.device)
-    check_tensor("conv_state", conv_state, (rows, dim, None), device=xBC.device)
-    if conv_state.shape[2] < width - 1:
-        raise ValueError(f"conv_state holds {conv_state.shape[2]} steps, the width-{width} conv needs at least "
-                         f"{width - 1}")
+    check_tensor("xBC", xBC, (rows, h * p + 2 * g * n), device=hist_x.device)
+    check_update_args(xBC, conv_state, conv_weight, conv_bias, "silu")
     x, B, C = _split_xBC(xBC, hist_x, hist_B)
     _check_step_args(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
     return _mamba2_replay_step(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B, hist_dt,

@@ -399,8 +399,8 @@ def test_fused_opcheck_and_validation():
 
     fails(ValueError, 0, args[0][:, :-1], r"xBC must have shape \(3, 48\)")
     fails(ValueError, 2, args[2][:, :, :1], "conv_state holds 1 steps")
-    fails(ValueError, 3, torch.randn(48, 5, dtype=F64), "conv width must be 2..4")
-    fails(ValueError, 4, args[4][:5], r"conv_bias must have shape \(48\)")
+    fails(ValueError, 3, torch.randn(48, 5, dtype=F64), "widths 2..4, got 5")
+    fails(ValueError, 4, args[4][:5], r"bias must have shape \(48\)")
     fails(ValueError, 1, args[1][:, :3], "dt must have shape")
     fails(ValueError, 9, hist[1][:, :3], "hist_B must have shape")
     fails(ValueError, 8, hist[0][:, :, :3], r"xBC must have shape \(3, 44\)")  # H, P come from hist_x
