@@ -109,8 +109,9 @@ def num_sms(device: torch.device) -> int:
 
 if triton is not None:
     @triton.jit
-    def sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    def sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[i] = sum over s of part[s * numel + i], in split order (deterministic, unlike atomics)."""
+        pdl_wait(PDL)
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < numel
         acc = tl.zeros((BLOCK,), dtype=tl.float32)

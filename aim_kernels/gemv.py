@@ -173,7 +173,8 @@ def _gemm_tf32x3(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GEMM_BLOCK_K, num_warps=4, num_stages=3)
     if splits > 1:
         _triton.sum_splits_kernel[(triton.cdiv(out.numel(), 1024),)](part, out, out.numel(), SPLITS=splits,
-                                                                     BLOCK=1024, num_warps=4)
+                                                                     BLOCK=1024, num_warps=4,
+                                                                     **_triton.launch_options(x.device))
     return out
 
 

@@ -336,16 +336,18 @@ if _triton.triton is not None:
 
     @_triton.triton.jit
     def _rmsnorm_gated_kernel(X, Z, W, OUT, group_size, groups, eps, stride_x, stride_z,
-                              HAS_Z: tl.constexpr, BLOCK: tl.constexpr):
+                              HAS_Z: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         row, group = tl.program_id(0), tl.program_id(1)
         cols = group * group_size + tl.arange(0, BLOCK)
         mask = tl.arange(0, BLOCK) < group_size
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        _triton.pdl_wait(PDL)
         v = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(Z + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
             v = v * z * tl.sigmoid(z)
         rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / group_size + eps)
-        out = v * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        out = v * rstd * w
         tl.store(OUT + row * group_size * groups + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -370,7 +372,8 @@ def rmsnorm_gated_triton(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: fl
     block = _triton.triton.next_power_of_2(group_size)
     _rmsnorm_gated_kernel[(x2.shape[0], dim // group_size)](
         x2, z2, weight, out, group_size, dim // group_size, eps, x2.stride(0), z2.stride(0),
-        HAS_Z=z is not None, BLOCK=block, num_warps=min(8, max(1, block // 256)))
+        HAS_Z=z is not None, BLOCK=block, num_warps=min(8, max(1, block // 256)),
+        **_triton.launch_options(x.device))
     return out
 
 

@@ -215,7 +215,7 @@ if triton is not None:
                         stride_xr, stride_xh, stride_dtr, stride_dth, stride_br, stride_bg, stride_cr, stride_cg,
                         stride_csr, stride_csc, stride_css, stride_cwc, stride_cwk, S, T, H, G, HEADS_PER_GROUP,
                         P: tl.constexpr, N: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-                        CONV: tl.constexpr, W: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
+                        CONV: tl.constexpr, W: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, PDL: tl.constexpr):
         """w[r, s, h] = (C_t . B_s) exp(cum_t - cum_s) dt_s for s <= t in this program's block, heads
         of group g; the program whose block holds t appends B_t, dt_t, cum_t (and x_t without CONV).
 
@@ -225,58 +225,62 @@ if triton is not None:
         r = tl.program_id(0).to(tl.int64)
         s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
         g = tl.program_id(2)
+        _triton.pdl_wait(PDL)
         t = tl.load(step_ptr)
-        i = tl.arange(0, GROUP_PAD)
-        hmask = i < HEADS_PER_GROUP
-        h = g * HEADS_PER_GROUP + i
-        n = tl.arange(0, N)
-        row_ht = r * T * H                                                    # (R, T, H) arrays
+        # entries beyond t are not used yet: their programs only wait (the grid is fixed for the whole
+        # generation, so early steps launch mostly such programs)
+        if tl.program_id(1) * BLOCK_S <= t:
+            i = tl.arange(0, GROUP_PAD)
+            hmask = i < HEADS_PER_GROUP
+            h = g * HEADS_PER_GROUP + i
+            n = tl.arange(0, N)
+            row_ht = r * T * H                                                    # (R, T, H) arrays
 
-        if CONV:
-            xbc_row = x_ptr + r * stride_xr
-            cs_row = cs_ptr + r * stride_csr
-            # rounded to the input dtype, as a separate conv's output is
-            C = _conv_silu(xbc_row, cs_row, cw_ptr, cb_ptr, H * P + G * N + g * N + n, S, stride_csc, stride_css,
-                           stride_cwc, stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty).to(tl.float32)
-            B_t = _conv_silu(xbc_row, cs_row, cw_ptr, cb_ptr, H * P + g * N + n, S, stride_csc, stride_css,
-                             stride_cwc, stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty)
-            B_t = B_t.to(hB_ptr.dtype.element_ty)
-        else:
-            C = tl.load(C_ptr + r * stride_cr + g * stride_cg + n).to(tl.float32)
-            B_t = tl.load(B_ptr + r * stride_br + g * stride_bg + n).to(hB_ptr.dtype.element_ty)
+            if CONV:
+                xbc_row = x_ptr + r * stride_xr
+                cs_row = cs_ptr + r * stride_csr
+                # rounded to the input dtype, as a separate conv's output is
+                C = _conv_silu(xbc_row, cs_row, cw_ptr, cb_ptr, H * P + G * N + g * N + n, S, stride_csc, stride_css,
+                               stride_cwc, stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty).to(tl.float32)
+                B_t = _conv_silu(xbc_row, cs_row, cw_ptr, cb_ptr, H * P + g * N + n, S, stride_csc, stride_css,
+                                 stride_cwc, stride_cwk, W, HAS_CONV_BIAS).to(x_ptr.dtype.element_ty)
+                B_t = B_t.to(hB_ptr.dtype.element_ty)
+            else:
+                C = tl.load(C_ptr + r * stride_cr + g * stride_cg + n).to(tl.float32)
+                B_t = tl.load(B_ptr + r * stride_br + g * stride_bg + n).to(hB_ptr.dtype.element_ty)
 
-        # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
-        dt = (tl.load(dt_ptr + r * stride_dtr + h * stride_dth, mask=hmask, other=0.0).to(tl.float64)
-              + tl.load(dt_bias_ptr + h, mask=hmask, other=0.0).to(tl.float64))
-        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
-        prev = tl.load(hcum_ptr + row_ht + (t - 1) * H + h, mask=hmask & (t > 0) & (t <= T), other=0.0)
-        cum_t = prev + dt * tl.load(A_ptr + h, mask=hmask, other=0.0).to(tl.float32)
+            # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
+            dt = (tl.load(dt_ptr + r * stride_dtr + h * stride_dth, mask=hmask, other=0.0).to(tl.float64)
+                  + tl.load(dt_bias_ptr + h, mask=hmask, other=0.0).to(tl.float64))
+            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
+            prev = tl.load(hcum_ptr + row_ht + (t - 1) * H + h, mask=hmask & (t > 0) & (t <= T), other=0.0)
+            cum_t = prev + dt * tl.load(A_ptr + h, mask=hmask, other=0.0).to(tl.float32)
 
-        # s < t from the histories; s = t from the inputs (no entry written in this launch is read)
-        past = (s < t) & (s < T)
-        hB_row = hB_ptr + r * T * G * N + g * N
-        Bs = tl.load(hB_row + s[:, None] * (G * N) + n[None, :], mask=past[:, None], other=0.0)
-        Bs = tl.where((s == t)[:, None], B_t[None, :], Bs).to(tl.float32)
-        scores = tl.sum(Bs * C[None, :], axis=1)                              # (BLOCK_S,)
-        sh = row_ht + s[:, None] * H + h[None, :]
-        pmask = past[:, None] & hmask[None, :]
-        now = (s == t)[:, None]
-        cum_s = tl.where(now, cum_t[None, :], tl.load(hcum_ptr + sh, mask=pmask, other=0.0))
-        dt_s = tl.where(now, dt[None, :], tl.load(hdt_ptr + sh, mask=pmask, other=0.0))
-        used = (past[:, None] | now) & hmask[None, :]
-        w = scores[:, None] * tl.exp(tl.where(used, cum_t[None, :] - cum_s, float("-inf"))) * dt_s
-        tl.store(w_ptr + sh, w, mask=used & (s < T)[:, None])
+            # s < t from the histories; s = t from the inputs (no entry written in this launch is read)
+            past = (s < t) & (s < T)
+            hB_row = hB_ptr + r * T * G * N + g * N
+            Bs = tl.load(hB_row + s[:, None] * (G * N) + n[None, :], mask=past[:, None], other=0.0)
+            Bs = tl.where((s == t)[:, None], B_t[None, :], Bs).to(tl.float32)
+            scores = tl.sum(Bs * C[None, :], axis=1)                              # (BLOCK_S,)
+            sh = row_ht + s[:, None] * H + h[None, :]
+            pmask = past[:, None] & hmask[None, :]
+            now = (s == t)[:, None]
+            cum_s = tl.where(now, cum_t[None, :], tl.load(hcum_ptr + sh, mask=pmask, other=0.0))
+            dt_s = tl.where(now, dt[None, :], tl.load(hdt_ptr + sh, mask=pmask, other=0.0))
+            used = (past[:, None] | now) & hmask[None, :]
+            w = scores[:, None] * tl.exp(tl.where(used, cum_t[None, :] - cum_s, float("-inf"))) * dt_s
+            tl.store(w_ptr + sh, w, mask=used & (s < T)[:, None])
 
-        if (t >= tl.program_id(1) * BLOCK_S) & (t < tl.program_id(1) * BLOCK_S + BLOCK_S) & (t < T):
-            if not CONV:
-                p = tl.arange(0, P)
-                x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask[:, None],
-                              other=0.0)
-                tl.store(hx_ptr + (row_ht + t * H + h[:, None]) * P + p[None, :], x_t.to(hx_ptr.dtype.element_ty),
-                         mask=hmask[:, None])
-            tl.store(hB_row + t * (G * N) + n, B_t)
-            tl.store(hdt_ptr + row_ht + t * H + h, dt, mask=hmask)
-            tl.store(hcum_ptr + row_ht + t * H + h, cum_t, mask=hmask)
+            if (t >= tl.program_id(1) * BLOCK_S) & (t < tl.program_id(1) * BLOCK_S + BLOCK_S) & (t < T):
+                if not CONV:
+                    p = tl.arange(0, P)
+                    x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask[:, None],
+                                  other=0.0)
+                    tl.store(hx_ptr + (row_ht + t * H + h[:, None]) * P + p[None, :], x_t.to(hx_ptr.dtype.element_ty),
+                             mask=hmask[:, None])
+                tl.store(hB_row + t * (G * N) + n, B_t)
+                tl.store(hdt_ptr + row_ht + t * H + h, dt, mask=hmask)
+                tl.store(hcum_ptr + row_ht + t * H + h, cum_t, mask=hmask)
 
     @triton.jit
     def _weighted_sum_kernel(x_ptr, D_ptr, hx_ptr, w_ptr, step_ptr, y_ptr, part_ptr, cs_ptr, cw_ptr, cb_ptr,
@@ -284,7 +288,7 @@ if triton is not None:
                              S, T, H, G, S_PER_SPLIT,
                              P: tl.constexpr, N: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr,
                              SPLIT: tl.constexpr, CONV: tl.constexpr, W: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-                             BLOCK_STATE: tl.constexpr):
+                             BLOCK_STATE: tl.constexpr, PDL: tl.constexpr):
         """y[r, h] = sum_{s <= t} w[r, s, h] x_s[h] (+ D x_t): (BLOCK_S x HEADS, P) tiles of the x
         history, float32 products accumulated elementwise, reduced once at the end.
 
@@ -295,6 +299,7 @@ if triton is not None:
         r = tl.program_id(0).to(tl.int64)
         h0 = tl.program_id(1) * HEADS
         k = tl.program_id(2)
+        _triton.pdl_wait(PDL)
         t = tl.load(step_ptr)
         K: tl.constexpr = BLOCK_S * HEADS
         e = tl.arange(0, K)
@@ -372,6 +377,7 @@ def _launch(dt: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor, h
         x_in, xs = x, (x.stride(0), x.stride(1))
         conv_args, conv_strides, width, block_state = (x, x, x), (0, 0, 0, 0, 0, 1), 2, 1
     B_in, C_in = (xBC, xBC) if conv else (B, C)
+    launch = _triton.launch_options(hist_x.device)
     b_strides = (0, 0, 0, 0) if conv else (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
     _weights_kernel[(rows, triton.cdiv(T, WEIGHTS_BLOCK_S), g)](
         x_in, dt, A, B_in, C_in, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, w, *conv_args,
@@ -379,15 +385,16 @@ def _launch(dt: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor, h
         P=p, N=n, GROUP_PAD=group_pad, BLOCK_S=WEIGHTS_BLOCK_S, CONV=conv, W=width,
         HAS_CONV_BIAS=conv_bias is not None,
         # 8 warps serve the widest head groups without the conv; with it they made the kernel 2x slower (H100)
-        num_warps=8 if group_pad * p >= 4096 and not conv else 4)
+        num_warps=8 if group_pad * p >= 4096 and not conv else 4, **launch)
     s_per_split = triton.cdiv(triton.cdiv(T, splits), block_s) * block_s
     _weighted_sum_kernel[(rows, triton.cdiv(h, heads), splits)](
         x_in, D, hist_x, w, step, y, partials, *conv_args, *xs, *conv_strides, T, h, g, s_per_split,
         P=p, N=n, HEADS=heads, BLOCK_S=block_s, SPLIT=splits > 1, CONV=conv, W=width,
-        HAS_CONV_BIAS=conv_bias is not None, BLOCK_STATE=block_state, num_warps=warps)
+        HAS_CONV_BIAS=conv_bias is not None, BLOCK_STATE=block_state, num_warps=warps, **launch)
     if splits > 1:
         numel = y.numel()
-        _triton.sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024, num_warps=4)
+        _triton.sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024,
+                                                               num_warps=4, **launch)
     return y
 
 
