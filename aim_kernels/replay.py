@@ -37,10 +37,11 @@ kernel its head block's x channels and shifts the windows), one launch per layer
 causal_conv1d_update.
 
 Triton backend (CUDA; CPU tensors under TRITON_INTERPRET=1 through `ssd_replay_step_triton`), two
-launches (three with SPLITS > 1):
+launches (three with SPLITS > 1), each with programmatic dependent launch (`_triton.pdl_wait`):
 1. `_weights_kernel`, grid (R, T / 32, G): dt_t = softplus(dt + dt_bias) and cum_t = cum_{t-1} +
    dt_t A for the group's heads; for its 32 entries s <= t: scores = B_s . C_t (B read once per row
-   and group), w[r, s, h] = scores exp(cum_t - cum_s) dt_s into a float32 scratch (R, T, H). The
+   and group), w[r, s, h] = scores exp(cum_t - cum_s) dt_s into a float32 scratch (R, T, H)
+   (programs whose 32 entries all lie beyond t only wait: at early steps, most of the grid). The
    s = t entry comes from the inputs (B_t rounded to the histories' dtype), so no program reads an
    entry written in this launch; the program whose block holds t appends x_t, B_t, dt_t, cum_t.
 2. `_weighted_sum_kernel`, grid (R, H / HEADS, SPLITS): y[h, :] = sum_{s <= t} w[s, h] x_s[h, :]
