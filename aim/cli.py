@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 import torch
+
+import aim_kernels as ak
 
 from .config import PRESETS, AiMConfig
 from .image import make_grid, to_uint8, write_png
@@ -19,7 +22,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device ({e})") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) "
+                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+    return device
 
 
 def load_model(args) -> AiM:
@@ -36,7 +46,21 @@ def load_model(args) -> AiM:
     return model.to(dtype).eval()
 
 
+def check_generate_args(args) -> None:
+    """The arguments that need no model, checked before the (slow) model build."""
+    if not args.classes and args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.nrow < 0:
+        raise ValueError(f"--nrow must be >= 0 (0: a square grid), got {args.nrow}")
+    ak.check_sampling_args(args.cfg_scale, args.temperature, args.top_k, args.top_p)
+    _device(args.device)
+    folder = os.path.dirname(args.out) or "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {args.out}: folder {folder} does not exist")
+
+
 def cmd_generate(args) -> None:
+    check_generate_args(args)
     model = load_model(args)
     generator = torch.Generator(model.device).manual_seed(args.seed)
     labels = (torch.tensor(args.classes) if args.classes else
@@ -100,7 +124,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as e:  # bad input: a message, not a traceback
+    except (ValueError, OSError) as e:  # bad input or an unreadable/unwritable path: a message, not a traceback
         raise SystemExit(f"aim {args.command}: error: {e}")
 
 

@@ -18,6 +18,8 @@ def to_uint8(images: Tensor) -> Tensor:
 def make_grid(images: Tensor, nrow: int = 0, pad: int = 2) -> Tensor:
     """uint8 (B, H, W, 3) -> one uint8 image (rows*H + pad, cols*W + pad, 3), white padding."""
     b, h, w, c = images.shape
+    if nrow < 0:
+        raise ValueError(f"nrow must be >= 0 (0: a square grid), got {nrow}")
     cols = nrow or math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
     grid = torch.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=torch.uint8)

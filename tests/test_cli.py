@@ -51,8 +51,19 @@ def test_generate_writes_a_grid(tmp_path, capsys):
     (["generate", "--classes", "1000"], "labels"),
     (["generate", "--top-p", "0"], "top_p"),
     (["generate", "--checkpoint", "no/such/dir/x"], "local directory"),
+    (["generate", "--batch", "0"], "--batch"),
+    (["generate", "--nrow", "-1"], "--nrow"),
+    (["generate", "--temperature", "0"], "temperature"),
+    (["generate", "--device", "nodevice"], "not a device"),
+    (["generate", "--device", "cuda:99"], "CUDA device"),
+    (["generate", "--config", "no/such/config.json"], "no/such/config.json"),
 ])
 def test_bad_input_is_a_message_not_a_traceback(argv, message, tmp_path):
     with pytest.raises(SystemExit) as info:
         main(argv + ["--out", str(tmp_path / "x.png"), "--preset", "AiM-B"])
     assert message in str(info.value)
+
+
+def test_missing_output_folder_is_reported_before_generating(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["generate", "--out", str(tmp_path / "no" / "x.png")])
