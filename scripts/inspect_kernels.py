@@ -1,0 +1,93 @@
+"""Without a GPU: compile the batch-1 decode kernels for sm_90 and print, per kernel, its registers and
+spills (cuobjdump) and the order of its global loads, barriers and the PDL wait in the PTX.
+
+  python scripts/inspect_kernels.py
+
+A load written after a block-wide reduction's barrier is issued after it: every `LD` group after `WAIT`
+is one more dependent round trip to L2/HBM in the kernel's critical path.
+"""
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from aim_kernels import decode, gemv, norm
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTERS = ("X", "R", "W", "SHIFT", "SCALE", "GATE", "OUT", "ROUT")  # norm.py's pointer names
+
+
+def compile_sm90(fn, pointer_types: dict, constexprs: dict, num_warps: int = 4):
+    names = list(inspect.signature(fn.fn).parameters)
+    constexprs = {k: v for k, v in constexprs.items() if k in names}  # a branch may lack one (ROWS_PAD)
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr") or name in POINTERS:
+            signature[name] = pointer_types.get(name, "*bf16")
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps))
+
+
+def registers(kernel) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    line = next(l for l in out.splitlines() if "REG:" in l)
+    return " ".join(re.findall(r"(REG:\d+|STACK:\d+)", line))
+
+
+def memory_order(kernel) -> str:
+    """'LDx72 WAIT LDx80 STx16 BARx5 ...': runs of global loads/stores, barriers and the PDL wait."""
+    events = []
+    for line in kernel.asm["ptx"].splitlines():
+        op = line.strip()
+        op = op.split(" ", 1)[1] if op.startswith("@") else op
+        kind = ("WAIT" if op.startswith("griddepcontrol.wait") else "BAR" if op.startswith(("bar.sync", "barrier"))
+                else "LD" if op.startswith("ld.global") else "ST" if op.startswith("st.global") else None)
+        if kind:
+            if events and events[-1][0] == kind:
+                events[-1][1] += 1
+            else:
+                events.append([kind, 1])
+    return " ".join(k if n == 1 else f"{k}x{n}" for k, n in events)
+
+
+def main() -> None:
+    fp32 = "*fp32"
+    d_model, d_inner = 768, 1536  # AiM-B, batch 1 with CFG (2 rows)
+    bn_in, bk_in = gemv.tile_shape(d_model)
+    bn_out, bk_out = gemv.tile_shape(d_inner)
+    rows = dict(ROWS=2, ROWS_PAD=2, PDL=True)
+    kernels = {
+        "prologue + in_proj GEMV": (gemv._prologue_gemv_kernel, {"res_ptr": fp32, "res_out_ptr": fp32},
+                                    dict(rows, HAS_RESIDUAL=True, HAS_GATE=True, BLOCK_N=bn_in, BLOCK_K=bk_in)),
+        "SSM step": (decode._ssm_step_kernel, {"ssm_state_ptr": fp32, "A_log_ptr": fp32, "v_ptr": fp32,
+                                              "sumsq_ptr": fp32},
+                     dict(P=64, N=128, W=4, P_PER_PROGRAM=16, BLOCK_P=16, BLOCK_S=4, HAS_BIAS=True, PDL=True)),
+        "gated norm + out_proj GEMV": (decode._norm_shift_out_kernel, {"v_ptr": fp32, "sumsq_ptr": fp32},
+                                       dict(rows, N=128, BLOCK_N=bn_out, BLOCK_K=bk_out, BLOCK_PARTS=128,
+                                            BLOCK_S=4)),
+        "GEMV (lm_head, unfused projections)": (gemv._gemv_kernel, {}, dict(rows, BLOCK_N=bn_in, BLOCK_K=bk_in)),
+        "gated norm (unfused)": (decode._norm_shift_kernel, {"v_ptr": fp32, "sumsq_ptr": fp32},
+                                 dict(N=128, BLOCK_D=4096, BLOCK_PARTS=256, BLOCK_S=4, PDL=True)),
+        "block prologue (unfused)": (norm._add_rmsnorm_modulate_kernel, {"R": fp32, "ROUT": fp32},
+                                     dict(HAS_RESIDUAL=True, HAS_MOD=True, HAS_GATE=True, BLOCK=2048, PDL=True)),
+    }
+    for name, (fn, pointers, consts) in kernels.items():
+        kernel = compile_sm90(fn, pointers, consts)
+        print(f"{name:38s} {registers(kernel):18s} {memory_order(kernel)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
