@@ -1,5 +1,6 @@
-"""Without a GPU: compile the batch-1 decode kernels for sm_90 and print, per kernel, its registers and
-spills (cuobjdump) and the order of its global loads, barriers and the PDL wait in the PTX.
+"""Without a GPU: compile the decode kernels (batch 1: state form; batch 64: replay form) for sm_90 and
+print, per kernel, its registers and spills (cuobjdump) and the order of its global loads, barriers and
+the PDL wait in the PTX.
 
   python scripts/inspect_kernels.py
 
@@ -16,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from aim_kernels import decode, gemv, norm
+from aim_kernels import decode, gemv, norm, replay
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = ("X", "R", "W", "SHIFT", "SCALE", "GATE", "OUT", "ROUT")  # norm.py's pointer names
@@ -83,6 +84,14 @@ def main() -> None:
                                  dict(N=128, BLOCK_D=4096, BLOCK_PARTS=256, BLOCK_S=4, PDL=True)),
         "block prologue (unfused)": (norm._add_rmsnorm_modulate_kernel, {"R": fp32, "ROUT": fp32},
                                      dict(HAS_RESIDUAL=True, HAS_MOD=True, HAS_GATE=True, BLOCK=2048, PDL=True)),
+        "replay weights (batch 64)": (replay._weights_kernel, {"A_ptr": fp32, "hdt_ptr": fp32, "hcum_ptr": fp32,
+                                                               "w_ptr": fp32, "step_ptr": "*i64"},
+                                      dict(P=64, N=128, GROUP_PAD=32, BLOCK_S=replay.WEIGHTS_BLOCK_S, CONV=True, W=4,
+                                           HAS_CONV_BIAS=True, PDL=True)),
+        "replay weighted sum (batch 64)": (replay._weighted_sum_kernel, {"w_ptr": fp32, "part_ptr": fp32,
+                                                                         "step_ptr": "*i64"},
+                                           dict(P=64, N=128, HEADS=8, BLOCK_S=16, SPLIT=False, CONV=True, W=4,
+                                                HAS_CONV_BIAS=True, BLOCK_STATE=4, PDL=True)),
     }
     for name, (fn, pointers, consts) in kernels.items():
         kernel = compile_sm90(fn, pointers, consts)
