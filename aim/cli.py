@@ -26,14 +26,14 @@ def _device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"--device {name!r} is not a device ({e})") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
         raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) "
                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
     return device
 
 
-def load_model(args) -> AiM:
-    device, dtype = _device(args.device), DTYPES[args.dtype]
+def load_model(args, device: torch.device) -> AiM:
+    dtype = DTYPES[args.dtype]
     if args.checkpoint:
         return AiM.from_pretrained(args.checkpoint, device=device, dtype=dtype)
     config = AiMConfig.from_json(args.config) if args.config else AiMConfig.from_preset(args.preset)
@@ -46,22 +46,21 @@ def load_model(args) -> AiM:
     return model.to(dtype).eval()
 
 
-def check_generate_args(args) -> None:
-    """The arguments that need no model, checked before the (slow) model build."""
+def check_generate_args(args) -> torch.device:
+    """The arguments that need no model, checked before the (slow) model build; returns the device."""
     if not args.classes and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.nrow < 0:
         raise ValueError(f"--nrow must be >= 0 (0: a square grid), got {args.nrow}")
     ak.check_sampling_args(args.cfg_scale, args.temperature, args.top_k, args.top_p)
-    _device(args.device)
     folder = os.path.dirname(args.out) or "."
     if not os.path.isdir(folder):
         raise ValueError(f"--out {args.out}: folder {folder} does not exist")
+    return _device(args.device)
 
 
 def cmd_generate(args) -> None:
-    check_generate_args(args)
-    model = load_model(args)
+    model = load_model(args, check_generate_args(args))
     generator = torch.Generator(model.device).manual_seed(args.seed)
     labels = (torch.tensor(args.classes) if args.classes else
               torch.randint(model.config.num_classes, (args.batch,), generator=generator, device=model.device))

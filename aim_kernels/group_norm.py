@@ -140,6 +140,9 @@ if _triton.triton is not None:
         base = X + b.to(tl.int64) * rows * cols
         mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        if HAS_IB:
+            if NHWC:  # a column's channel is fixed: its input bias is loaded once
+                ib_c = tl.load(IB + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         # Welford per lane: in step i every valid lane holds its (i + 1)-th value; only the last tile of a
         # chunk is partial, and there invalid lanes see x = mean, i.e. no update.
         for i in range(0, tl.cdiv(n_rows, BLOCK_S)):
@@ -148,7 +151,7 @@ if _triton.triton is not None:
             x = tl.load(base + rr[:, None] * cols + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_IB:
                 if NHWC:
-                    x += tl.load(IB + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                    x += ib_c
                 else:
                     x += tl.load(IB + (b % groups) * cpg + rr // hw, mask=rr < rows, other=0.0).to(tl.float32)[:, None]
             x = tl.where(mask, x, mean)

@@ -272,7 +272,7 @@ if triton is not None:
             w = scores[:, None] * tl.exp(tl.where(used, cum_t[None, :] - cum_s, float("-inf"))) * dt_s
             tl.store(w_ptr + sh, w, mask=used & (s < T)[:, None])
 
-            if (t >= tl.program_id(1) * BLOCK_S) & (t < tl.program_id(1) * BLOCK_S + BLOCK_S) & (t < T):
+            if (t < tl.program_id(1) * BLOCK_S + BLOCK_S) & (t < T):  # this block holds t
                 if not CONV:
                     p = tl.arange(0, P)
                     x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask[:, None],

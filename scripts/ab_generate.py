@@ -90,9 +90,9 @@ def run(configs: list[str], names: list[str], rounds: int, repeats: int, timeout
             try:
                 proc = subprocess.run([sys.executable, "-c", BENCH.format(repeats=repeats), *configs], cwd=tree,
                                       env=env, capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired as e:
-                proc = subprocess.CompletedProcess(e.cmd, -1, e.stdout or "", f"timed out after {timeout} s")
-                proc.stdout = proc.stdout.decode() if isinstance(proc.stdout, bytes) else proc.stdout
+            except subprocess.TimeoutExpired as e:  # keep what it printed (bytes, even with text=True)
+                out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                proc = subprocess.CompletedProcess(e.cmd, -1, out, f"timed out after {timeout} s")
             for line in proc.stdout.splitlines():
                 if line.startswith("AB "):
                     row = json.loads(line[3:])
