@@ -89,6 +89,7 @@ def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, 
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
 TILE_ELEMENTS = 2048  # state elements per loop iteration of a program (16 per thread at 4 warps)
 NUM_WARPS = 4
+MAX_GROUP_SIZE = 8192  # the gated RMSNorm's group in one tile (32 float32 per thread per operand at 8 warps)
 
 
 def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
@@ -103,6 +104,8 @@ def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor,
         reasons.append(f"ssm_state is {ssm_state.dtype}; the Triton kernel keeps it in float32 or bfloat16")
     if conv_weight.shape[1] > MAX_WIDTH:
         reasons.append(f"conv width {conv_weight.shape[1]} > {MAX_WIDTH}")
+    if norm_weight.shape[0] // ngroups > MAX_GROUP_SIZE:
+        reasons.append(f"norm group size {norm_weight.shape[0] // ngroups} > {MAX_GROUP_SIZE} (one tile per group)")
     reasons += _triton.pow2_reasons(headdim=ssm_state.shape[2], d_state=ssm_state.shape[3])
     if zxbcdt.dim() == 2 and zxbcdt.stride(1) != 1:
         reasons.append("zxbcdt's channels are not contiguous (stride(1) != 1)")
@@ -199,47 +202,53 @@ if triton is not None:
                 state = tl.load(s_ptrs)
             x = _conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, p0 + p, S, stride_cc, stride_cs, stride_wc,
                            stride_wk, W, HAS_BIAS)
+            z = tl.load(z_row + p0 + p).to(tl.float32)
+            if i == P_PER_PROGRAM // BLOCK_P - 1:
+                # every tap of this program's x channels is read: shift their windows now, so the shift's
+                # loads go out with the others instead of after the reductions' barriers
+                _shift_conv_state(xbc_row, cs_row, p0 + tl.arange(0, P_PER_PROGRAM), S, stride_cc, stride_cs,
+                                  BLOCK_S)
             state = state.to(tl.float32) * dA + (dt * x)[:, None] * B[None, :]
             tl.store(s_ptrs, state.to(ssm_state_ptr.dtype.element_ty))
             y = tl.sum(state * C[None, :], axis=1) + skip * x
-            z = tl.load(z_row + p0 + p).to(tl.float32)
             v = y * z * tl.sigmoid(z)
             tl.store(v_ptr + r * d_inner + p0 + p, v)
             sumsq += tl.sum(v * v, axis=0)
         tl.store(sumsq_ptr + (r * H + h) * tl.num_programs(2) + pb, sumsq)
-        _shift_conv_state(xbc_row, cs_row, p0 + tl.arange(0, P_PER_PROGRAM), S, stride_cc, stride_cs, BLOCK_S)
 
     @triton.jit
     def _norm_shift_kernel(zxbcdt_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_ptr,
                            stride_zr, stride_cr, stride_cc, stride_cs, S, eps, D_INNER, GN, GROUP_SIZE,
                            PARTIALS_PER_GROUP, N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PARTS: tl.constexpr,
                            BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        """One program per (row, group), the whole group in one tile: every load goes out at once, before
+        the block-wide reduction (a load after its barrier would be another round trip)."""
         _triton.pdl_wait(PDL)
         r = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         G = tl.num_programs(1)
         i = tl.arange(0, BLOCK_PARTS)
         parts = tl.load(sumsq_ptr + (r * G + g) * PARTIALS_PER_GROUP + i, mask=i < PARTIALS_PER_GROUP, other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / GROUP_SIZE + eps)
-        for d0 in range(0, GROUP_SIZE, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            mask = d < GROUP_SIZE
-            d += g * GROUP_SIZE
-            v = tl.load(v_ptr + r * D_INNER + d, mask=mask, other=0.0)
-            w = tl.load(norm_w_ptr + d, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + r * D_INNER + d, (v * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+        d = tl.arange(0, BLOCK_D)
+        mask = d < GROUP_SIZE
+        d += g * GROUP_SIZE
+        v = tl.load(v_ptr + r * D_INNER + d, mask=mask, other=0.0)
+        w = tl.load(norm_w_ptr + d, mask=mask, other=0.0).to(tl.float32)
         # kernel 1 (every reader of this group's B/C conv windows) is done: shift them now
         j = tl.arange(0, 2 * N)
         c = D_INNER + tl.where(j < N, g * N + j, GN + g * N + (j - N))
         _shift_conv_state(zxbcdt_ptr + r * stride_zr + D_INNER, conv_state_ptr + r * stride_cr, c, S,
                           stride_cc, stride_cs, BLOCK_S)
+        rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / GROUP_SIZE + eps)
+        tl.store(out_ptr + r * D_INNER + d, (v * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 if triton is not None:
     @triton.jit
     def _norm_shift_out_kernel(zxbcdt_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_w_ptr, out_ptr,
                                stride_zr, stride_cr, stride_cc, stride_cs, S, eps, N_OUT, D_INNER, N_PARTS,
-                               ROWS: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr,
                                BLOCK_PARTS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         """Kernel 2 with out_proj (one group): out[r, n] = sum_k W[n, k] * v[r, k] * rstd[r] * norm_w[k]."""
         pid = tl.program_id(0)
@@ -249,18 +258,24 @@ if triton is not None:
                     mask=(n[:, None] < N_OUT) & (k[None, :] < D_INNER), other=0.0)
         norm_w = tl.load(norm_w_ptr + k, mask=k < D_INNER, other=0.0).to(tl.float32)
         _triton.pdl_wait(PDL)
-        i = tl.arange(0, BLOCK_PARTS)
-        for r in tl.static_range(ROWS):
-            parts = tl.load(sumsq_ptr + r * N_PARTS + i, mask=i < N_PARTS, other=0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / D_INNER + eps)
-            x = tl.load(v_ptr + r * D_INNER + k, mask=k < D_INNER, other=0.0) * (rstd * norm_w)
-            x = x.to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded as the unfused path rounds y
-            y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-            tl.store(out_ptr + r * N_OUT + n, y.to(out_ptr.dtype.element_ty), mask=n < N_OUT)
-        # kernel 1 (every reader of the B/C conv windows) is done: shift them, one program per row
+        # every row's partials and v at once, before any block-wide reduction (see _prologue_gemv_kernel)
+        i = tl.arange(0, ROWS_PAD)
+        j = tl.arange(0, BLOCK_PARTS)
+        parts = tl.load(sumsq_ptr + i[:, None] * N_PARTS + j[None, :],
+                        mask=(i[:, None] < ROWS) & (j[None, :] < N_PARTS), other=0.0)
+        v = tl.load(v_ptr + i[:, None] * D_INNER + k[None, :], mask=(i[:, None] < ROWS) & (k[None, :] < D_INNER),
+                    other=0.0)
+        # kernel 1 (every reader of the B/C conv windows) is done: shift them, one program per row (here,
+        # so their loads go out with the others)
         for r in range(pid, ROWS, tl.num_programs(0)):
             _shift_conv_state(zxbcdt_ptr + r * stride_zr + D_INNER, conv_state_ptr + r * stride_cr,
                               D_INNER + tl.arange(0, 2 * N), S, stride_cc, stride_cs, BLOCK_S)
+        rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=1) / D_INNER + eps)
+        x = (v * rstd[:, None] * norm_w[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)  # as unfused rounds y
+        for r in tl.static_range(ROWS):
+            x_r = tl.sum(tl.where(i[:, None] == r, x, 0.0), axis=0)
+            y = tl.sum(w.to(tl.float32) * x_r[None, :], axis=1)
+            tl.store(out_ptr + r * N_OUT + n, y.to(out_ptr.dtype.element_ty), mask=n < N_OUT)
 
 
 def fused_out_reasons(rows: int, d_inner: int, ngroups: int, out_weight: Tensor, dtype: torch.dtype,
@@ -316,16 +331,18 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
         _norm_shift_out_kernel[(triton.cdiv(n_out, block_n),)](
             zxbcdt, conv_state, v, sumsq, norm_weight, out_weight, out,
             zxbcdt.stride(0), *conv_state.stride(), state_len, eps, n_out, d_inner, h * p_blocks,
-            ROWS=rows, N=n, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_PARTS=triton.next_power_of_2(h * p_blocks),
+            ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), N=n, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_PARTS=triton.next_power_of_2(h * p_blocks),
             BLOCK_S=block_s, num_warps=gemv.NUM_WARPS, **launch)
         return out
     group_size = d_inner // ngroups
+    block_d = triton.next_power_of_2(group_size)
     parts_per_group = h * p_blocks // ngroups
     _norm_shift_kernel[(rows, ngroups)](
         zxbcdt, conv_state, v, sumsq, norm_weight, out,
         zxbcdt.stride(0), *conv_state.stride(), state_len, eps, d_inner, ngroups * n, group_size, parts_per_group,
-        N=n, BLOCK_D=min(triton.next_power_of_2(group_size), 1024),
-        BLOCK_PARTS=triton.next_power_of_2(parts_per_group), BLOCK_S=block_s, num_warps=4, **launch)
+        N=n, BLOCK_D=block_d, BLOCK_PARTS=triton.next_power_of_2(parts_per_group), BLOCK_S=block_s,
+        num_warps=4 if block_d <= 2048 else 8, **launch)
     return out if out_weight is None else gemv.linear(out, out_weight)
 
 

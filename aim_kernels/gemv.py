@@ -108,15 +108,18 @@ def not_supported_reasons(x: Tensor, weight: Tensor) -> list[str]:
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xr, stride_wn, ROWS: tl.constexpr,
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xr, stride_wn, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
                     mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
         _triton.pdl_wait(PDL)  # the weights are in flight; x is the previous kernel's output
+        i = tl.arange(0, ROWS_PAD)  # every row at once: no row's load waits behind a reduction's barrier
+        xs = tl.load(x_ptr + i[:, None] * stride_xr + k[None, :], mask=(i[:, None] < ROWS) & (k[None, :] < K),
+                     other=0.0).to(tl.float32)
         for r in tl.static_range(ROWS):
-            x = tl.load(x_ptr + r * stride_xr + k, mask=k < K, other=0.0).to(tl.float32)
+            x = tl.sum(tl.where(i[:, None] == r, xs, 0.0), axis=0)
             y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
             tl.store(out_ptr + r * N + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
 
@@ -192,8 +195,8 @@ def linear_triton(x: Tensor, weight: Tensor) -> Tensor:
         return _gemm_tf32x3(x, weight, out)
     block_n, block_k = tile_shape(k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, out, n, k, x.stride(0), weight.stride(0), ROWS=rows,
-                                            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
-                                            **_triton.launch_options(x.device))
+                                            ROWS_PAD=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k,
+                                            num_warps=NUM_WARPS, **_triton.launch_options(x.device))
     return out
 
 
@@ -255,8 +258,11 @@ if triton is not None:
     @triton.jit
     def _prologue_gemv_kernel(x_ptr, res_ptr, gate_ptr, norm_w_ptr, shift_ptr, scale_ptr, w_ptr, out_ptr, res_out_ptr,
                               N, K, eps, stride_x, stride_res, stride_gate, stride_shift, stride_scale, stride_wn,
-                              ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                              ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                              HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              PDL: tl.constexpr):
+        """Every row's inputs are loaded at once, before any block-wide reduction: a load written after a
+        reduction's barrier cannot be issued before it, and each would cost another L2 round trip."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
@@ -265,19 +271,23 @@ if triton is not None:
                     mask=(n[:, None] < N) & kmask[None, :], other=0.0)
         norm_w = tl.load(norm_w_ptr + k, mask=kmask, other=0.0).to(tl.float32)
         _triton.pdl_wait(PDL)
+        i = tl.arange(0, ROWS_PAD)
+        m = (i[:, None] < ROWS) & kmask[None, :]
+        res = tl.load(x_ptr + i[:, None] * stride_x + k[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            res *= tl.load(gate_ptr + i[:, None] * stride_gate + k[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            res += tl.load(res_ptr + i[:, None] * stride_res + k[None, :], mask=m, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + i[:, None] * stride_scale + k[None, :], mask=m, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + i[:, None] * stride_shift + k[None, :], mask=m, other=0.0).to(tl.float32)
+        if pid == 0:
+            tl.store(res_out_ptr + i[:, None] * K + k[None, :], res, mask=m)
+        rstd = 1.0 / tl.sqrt(tl.sum(res * res, axis=1) / K + eps)  # every row in one reduction
+        h = res * rstd[:, None] * norm_w[None, :] * (1.0 + scale) + shift
+        h = h.to(x_ptr.dtype.element_ty).to(tl.float32)  # as the unfused op rounds it
         for r in tl.static_range(ROWS):
-            res = tl.load(x_ptr + r * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
-            if HAS_GATE:
-                res *= tl.load(gate_ptr + r * stride_gate + k, mask=kmask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                res += tl.load(res_ptr + r * stride_res + k, mask=kmask, other=0.0).to(tl.float32)
-            if pid == 0:
-                tl.store(res_out_ptr + r * K + k, res, mask=kmask)
-            rstd = 1.0 / tl.sqrt(tl.sum(res * res, axis=0) / K + eps)
-            scale = tl.load(scale_ptr + r * stride_scale + k, mask=kmask, other=0.0).to(tl.float32)
-            shift = tl.load(shift_ptr + r * stride_shift + k, mask=kmask, other=0.0).to(tl.float32)
-            h = (res * rstd * norm_w * (1.0 + scale) + shift).to(x_ptr.dtype.element_ty)  # as the unfused op rounds
-            y = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+            h_r = tl.sum(tl.where(i[:, None] == r, h, 0.0), axis=0)
+            y = tl.sum(w.to(tl.float32) * h_r[None, :], axis=1)
             tl.store(out_ptr + r * N + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
@@ -300,8 +310,9 @@ def add_rmsnorm_modulate_linear_triton(x: Tensor, residual: Optional[Tensor], no
         x, residual if residual is not None else x, x_gate if x_gate is not None else x, norm_weight, shift, scale,
         weight, out, residual_out, n, k, eps, x.stride(0), residual.stride(0) if residual is not None else 0,
         x_gate.stride(0) if x_gate is not None else 0, shift.stride(0), scale.stride(0), weight.stride(0),
-        ROWS=rows, HAS_RESIDUAL=residual is not None, HAS_GATE=x_gate is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=NUM_WARPS, **_triton.launch_options(x.device))
+        ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), HAS_RESIDUAL=residual is not None,
+        HAS_GATE=x_gate is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
+        **_triton.launch_options(x.device))
     return out, residual_out
 
 

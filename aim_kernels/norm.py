@@ -278,12 +278,13 @@ if _triton.triton is not None:
             r *= tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_MOD:  # loaded before the reduction: a load after its barrier would be another round trip
+            scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
+            shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(ROUT + row * dim + cols, r, mask=mask)
         rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / dim + eps)
         y = r * rstd * w
         if HAS_MOD:
-            scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
-            shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
             y = y * (1.0 + scale) + shift
         tl.store(OUT + row * dim + cols, y.to(OUT.dtype.element_ty), mask=mask)
 

@@ -168,6 +168,8 @@ def test_not_supported_reasons():
     assert any("power of two" in r for r in decode.not_supported_reasons(*args_of(make_inputs(1, 2, 12, 8, 1, 4, 3))))
     assert any("d_state" in r for r in decode.not_supported_reasons(
         *args_of(dict(inp, ssm_state=inp["ssm_state"].transpose(2, 3).contiguous().transpose(2, 3)))))
+    wide = make_inputs(1, 129, 64, 8, 1, 4, 3)  # a gated-norm group of 8256 channels: over one tile
+    assert any("group size 8256" in r for r in decode.not_supported_reasons(*args_of(wide)))
 
 
 # ---- Triton (interpreter on CPU, or the GPU) -------------------------------------------------------
