@@ -262,12 +262,13 @@ if triton is not None:
             hB_row = hB_ptr + r * T * G * N + g * N
             Bs = tl.load(hB_row + s[:, None] * (G * N) + n[None, :], mask=past[:, None], other=0.0)
             Bs = tl.where((s == t)[:, None], B_t[None, :], Bs).to(tl.float32)
-            scores = tl.sum(Bs * C[None, :], axis=1)                              # (BLOCK_S,)
             sh = row_ht + s[:, None] * H + h[None, :]
             pmask = past[:, None] & hmask[None, :]
             now = (s == t)[:, None]
+            # loaded before the scores' reduction (after its barrier they would be another round trip)
             cum_s = tl.where(now, cum_t[None, :], tl.load(hcum_ptr + sh, mask=pmask, other=0.0))
             dt_s = tl.where(now, dt[None, :], tl.load(hdt_ptr + sh, mask=pmask, other=0.0))
+            scores = tl.sum(Bs * C[None, :], axis=1)                              # (BLOCK_S,)
             used = (past[:, None] | now) & hmask[None, :]
             w = scores[:, None] * tl.exp(tl.where(used, cum_t[None, :] - cum_s, float("-inf"))) * dt_s
             tl.store(w_ptr + sh, w, mask=used & (s < T)[:, None])
@@ -317,6 +318,15 @@ if triton is not None:
         else:
             x_t = tl.load(x_ptr + r * stride_xr + h[:, None] * stride_xh + p[None, :], mask=hmask, other=0.0)
             last = t + 1
+        # everything that does not depend on the loop goes out before it (a load after the loop's final
+        # reduction would be another round trip): the D skip, the s = t weight, split 0's append and shifts
+        coef = tl.load(D_ptr + h, mask=h < H, other=0.0).to(tl.float32)
+        if CONV:  # the s = t term
+            coef += tl.load(w_ptr + (r * T + t) * H + h, mask=(h < H) & (t < T), other=0.0)
+            if k == 0:  # this head block's taps are read: shift its windows (their only reader)
+                tl.store(hx_ptr + (r * T + t) * (H * P) + hp, x_t, mask=t < T)
+                _shift_conv_state(x_ptr + r * stride_xr, cs_ptr + r * stride_csr, tl.reshape(hp, (HEADS * P,)), S,
+                                  stride_csc, stride_css, BLOCK_STATE)
         s_lo = k * S_PER_SPLIT
         s_end = tl.minimum(tl.minimum(s_lo + S_PER_SPLIT, last), T)
         acc = tl.zeros((K, P), dtype=tl.float32)
@@ -329,23 +339,16 @@ if triton is not None:
             acc += w[:, None] * xs.to(tl.float32)
         out = tl.sum(tl.reshape(acc, (BLOCK_S, HEADS, P)), axis=0)          # (HEADS, P)
         if k == 0:
-            coef = tl.load(D_ptr + h, mask=h < H, other=0.0).to(tl.float32)
-            if CONV:  # the s = t term
-                coef += tl.load(w_ptr + (r * T + t) * H + h, mask=(h < H) & (t < T), other=0.0)
             out += coef[:, None] * x_t.to(tl.float32)
         if SPLIT:
             tl.store(part_ptr + (k * tl.num_programs(0) + r) * (H * P) + hp, out, mask=hmask)
         else:
             tl.store(y_ptr + r * (H * P) + hp, out.to(y_ptr.dtype.element_ty), mask=hmask)
         if CONV:
-            if k == 0:
-                tl.store(hx_ptr + (r * T + t) * (H * P) + hp, x_t, mask=t < T)
-                _shift_conv_state(x_ptr + r * stride_xr, cs_ptr + r * stride_csr, tl.reshape(hp, (HEADS * P,)), S,
-                                  stride_csc, stride_css, BLOCK_STATE)
-                if tl.program_id(1) == 0:
-                    for c0 in range(H * P, H * P + 2 * G * N, N):
-                        _shift_conv_state(x_ptr + r * stride_xr, cs_ptr + r * stride_csr, c0 + tl.arange(0, N), S,
-                                          stride_csc, stride_css, BLOCK_STATE)
+            if (k == 0) & (tl.program_id(1) == 0):  # the row's B/C windows (the weights kernel has finished)
+                for c0 in range(H * P, H * P + 2 * G * N, N):
+                    _shift_conv_state(x_ptr + r * stride_xr, cs_ptr + r * stride_csr, c0 + tl.arange(0, N), S,
+                                      stride_csc, stride_css, BLOCK_STATE)
 
 
 WEIGHTS_BLOCK_S = 32
