@@ -120,6 +120,13 @@ if triton is not None:
         tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def select_row(tile, rows, r: tl.constexpr):
+        """Row r of a (ROWS_PAD, K) register tile (`rows` = tl.arange(0, ROWS_PAD)). The few-row kernels
+        load every row as one 2-D tile: loaded row by row, a load written after a block-wide reduction
+        could not be issued before its barrier, one more dependent round trip each."""
+        return tl.sum(tl.where(rows[:, None] == r, tile, 0.0), axis=0)
+
+    @triton.jit
     def pdl_wait(PDL: tl.constexpr):
         """Let the next kernel launch, then wait for the previous ones (no-op without PDL)."""
         if PDL:

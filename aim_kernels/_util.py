@@ -11,6 +11,11 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (NHWC), the layout the VQ decoder's Triton passes vectorise."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """The dtype the references compute in: at least float32, float64 when any input is float64."""
     dtype = torch.float32

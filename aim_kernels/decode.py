@@ -258,7 +258,7 @@ if triton is not None:
                     mask=(n[:, None] < N_OUT) & (k[None, :] < D_INNER), other=0.0)
         norm_w = tl.load(norm_w_ptr + k, mask=k < D_INNER, other=0.0).to(tl.float32)
         _triton.pdl_wait(PDL)
-        # every row's partials and v at once, before any block-wide reduction (see _prologue_gemv_kernel)
+        # every row's partials and v at once, before any block-wide reduction (see _triton.select_row)
         i = tl.arange(0, ROWS_PAD)
         j = tl.arange(0, BLOCK_PARTS)
         parts = tl.load(sumsq_ptr + i[:, None] * N_PARTS + j[None, :],
@@ -273,7 +273,7 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=1) / D_INNER + eps)
         x = (v * rstd[:, None] * norm_w[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)  # as unfused rounds y
         for r in tl.static_range(ROWS):
-            x_r = tl.sum(tl.where(i[:, None] == r, x, 0.0), axis=0)
+            x_r = _triton.select_row(x, i, r)
             y = tl.sum(w.to(tl.float32) * x_r[None, :], axis=1)
             tl.store(out_ptr + r * N_OUT + n, y.to(out_ptr.dtype.element_ty), mask=n < N_OUT)
 

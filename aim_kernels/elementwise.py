@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ext, _triton
-from ._util import check_tensor, compute_dtype
+from ._util import check_tensor, compute_dtype, is_channels_last
 
 # ---- references ------------------------------------------------------------------------------------
 
@@ -150,10 +150,6 @@ if _triton.triton is not None:
         tl.store(base + (2 * w + 1) * channels, v, mask=mask)
 
 
-def _channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _tile(cols: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C) for a (rows, cols) pass: a whole row when it fits, TILE_ELEMS elements in all."""
     block_c = min(_triton.triton.next_power_of_2(cols), TILE_ELEMS)
@@ -162,7 +158,7 @@ def _tile(cols: int) -> tuple[int, int]:
 
 def add_bias_not_supported_reasons(x: Tensor, bias: Tensor, residual: Optional[Tensor]) -> list[str]:
     reasons = _triton.reasons(x.device) + _triton.dtype_reasons(x=x, bias=bias, residual=residual)
-    if not (_channels_last(x) or x.is_contiguous()):
+    if not (is_channels_last(x) or x.is_contiguous()):
         reasons.append(f"x is neither contiguous nor 4-D channels_last (strides {x.stride()})")
     if residual is not None and residual.stride() != x.stride():
         reasons.append(f"residual's strides {residual.stride()} differ from x's {x.stride()}")
@@ -178,12 +174,13 @@ def _alloc_like(x: Tensor, shape: Optional[tuple] = None) -> Tensor:
     if shape is None:
         return torch.empty_like(x)
     return torch.empty(shape, dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+                       memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
 
 
 def add_bias_triton(x: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tensor:
     n, c = x.shape[:2]
-    if _channels_last(x):
+    nhwc = is_channels_last(x)
+    if nhwc:
         rows, cols = x.numel() // c, c
     else:
         rows, cols = n * c, x.numel() // (n * c)
@@ -191,13 +188,13 @@ def add_bias_triton(x: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tens
     block_r, block_c = _tile(cols)
     grid = (_triton.triton.cdiv(rows, block_r), _triton.triton.cdiv(cols, block_c))
     _add_bias_kernel[grid](x, bias, residual, out, rows, cols, c, HAS_R=residual is not None,
-                           BIAS_ON_COLS=_channels_last(x), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+                           BIAS_ON_COLS=nhwc, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return out
 
 
 def upsample_not_supported_reasons(x: Tensor) -> list[str]:
     reasons = _triton.reasons(x.device)
-    if not _channels_last(x):
+    if not is_channels_last(x):
         reasons.append(f"x is not channels_last (strides {x.stride()})")
     if x.numel() == 0:
         reasons.append("x is empty")

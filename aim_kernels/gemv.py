@@ -115,11 +115,11 @@ if triton is not None:
         w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
                     mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
         _triton.pdl_wait(PDL)  # the weights are in flight; x is the previous kernel's output
-        i = tl.arange(0, ROWS_PAD)  # every row at once: no row's load waits behind a reduction's barrier
+        i = tl.arange(0, ROWS_PAD)  # every row at once (see _triton.select_row)
         xs = tl.load(x_ptr + i[:, None] * stride_xr + k[None, :], mask=(i[:, None] < ROWS) & (k[None, :] < K),
                      other=0.0).to(tl.float32)
         for r in tl.static_range(ROWS):
-            x = tl.sum(tl.where(i[:, None] == r, xs, 0.0), axis=0)
+            x = _triton.select_row(xs, i, r)
             y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
             tl.store(out_ptr + r * N + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
 
@@ -261,8 +261,7 @@ if triton is not None:
                               ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                               HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               PDL: tl.constexpr):
-        """Every row's inputs are loaded at once, before any block-wide reduction: a load written after a
-        reduction's barrier cannot be issued before it, and each would cost another L2 round trip."""
+        """Every row's inputs are loaded at once, before any block-wide reduction (see _triton.select_row)."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
@@ -286,7 +285,7 @@ if triton is not None:
         h = res * rstd[:, None] * norm_w[None, :] * (1.0 + scale) + shift
         h = h.to(x_ptr.dtype.element_ty).to(tl.float32)  # as the unfused op rounds it
         for r in tl.static_range(ROWS):
-            h_r = tl.sum(tl.where(i[:, None] == r, h, 0.0), axis=0)
+            h_r = _triton.select_row(h, i, r)
             y = tl.sum(w.to(tl.float32) * h_r[None, :], axis=1)
             tl.store(out_ptr + r * N + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ext, _triton
-from ._util import check_tensor, compute_dtype, placeholder_grads, reference_vjp
+from ._util import check_tensor, compute_dtype, is_channels_last, placeholder_grads, reference_vjp
 
 
 def group_norm_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
@@ -246,17 +246,13 @@ if _triton.triton is not None:
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def group_norm_not_supported_reasons(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
                                      eps: float, silu: bool, input_bias: Optional[Tensor] = None) -> list[str]:
     """Why the Triton kernels cannot run these inputs; empty list: they can."""
     reasons = _triton.reasons(x.device) + _triton.dtype_reasons(x=x, weight=weight, bias=bias, input_bias=input_bias)
     if x.numel() == 0:
         reasons.append("x is empty")
-    if _channels_last(x):
+    if is_channels_last(x):
         if x.shape[1] > MAX_TRITON_CHANNELS:
             reasons.append(f"channels_last with {x.shape[1]} > {MAX_TRITON_CHANNELS} channels")
     elif not x.is_contiguous():
@@ -282,15 +278,15 @@ def _alloc_outputs(x: Tensor, n_partials: int) -> tuple[Tensor, Tensor, Tensor, 
 
 
 def group_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
-                      silu: bool, input_bias: Optional[Tensor] = None, *, stats_elems: int = STATS_ELEMS, apply_elems: int = APPLY_ELEMS,
-                      chunk_rows: Optional[int] = None) -> Tensor:
+                      silu: bool, input_bias: Optional[Tensor] = None, *, stats_elems: int = STATS_ELEMS,
+                      apply_elems: int = APPLY_ELEMS, chunk_rows: Optional[int] = None) -> Tensor:
     """The three launches (see the module docstring). The keywords only change the tiling (tile elements:
     powers of two; chunk_rows: rows per statistics program, by default enough chunks for the GPU)."""
     triton = _triton.triton
     n, c = x.shape[:2]
     hw = x.numel() // (n * c)
     cpg = c // num_groups
-    nhwc = _channels_last(x)
+    nhwc = is_channels_last(x)
     if nhwc:                   # NHWC: batches = samples, rows = positions, columns = channels
         s_batches, s_rows, s_cols = n, hw, c
         a_batches, a_rows, a_cols = n, hw, c
