@@ -85,18 +85,19 @@ class Decoding:
     def advance(self) -> None:
         """Step k feeds the class embedding (k = 0) or token t_{k-1}, and writes token t_k."""
         model, s, k = self.model, self.s, self.step
+        at = k.view(1)
+        # the draw's uniform first: the sampler then directly follows the lm_head GEMV (both PDL kernels)
+        uniform = self.uniform.index_select(1, at)[:, 0] if self.forced_tokens is None else None
         emb = model.backbone.embeddings
         hidden = ak.embed_step(self.cond, emb.word_embeddings.weight, emb.position_embeddings.weight, self.tokens, k,
                                position_offset=0 if s.decode_positions == "official" else 1)
         logits = model.step(hidden, self.cache, self.mods, self.final_mod)
-        at = k.view(1)
         if self.logits is not None:
             self.logits.index_copy_(1, at, ak.guided_logits(logits, s.guidance)[:, None])
         if self.forced_tokens is not None:
             token = self.forced_tokens.index_select(1, at)[:, 0]
         else:
-            token = ak.sample_next_token(logits, s.guidance, s.temperature, s.top_k, s.top_p,
-                                         uniform=self.uniform.index_select(1, at)[:, 0])
+            token = ak.sample_next_token(logits, s.guidance, s.temperature, s.top_k, s.top_p, uniform=uniform)
         ak.record_token(token, self.tokens, self.step)
 
 
