@@ -69,7 +69,6 @@ class Decoding:
         self.step = torch.zeros((), dtype=torch.long, device=labels.device)
         self.cache = model.allocate_cache(self.num_rows, s.state_dtype,
                                           replay_step=self.step if s.replay_form(model, self.num_rows) else None)
-        self.prev_token = torch.zeros(batch, dtype=torch.long, device=labels.device)
         self.tokens = torch.zeros(batch, c.num_tokens, dtype=torch.long, device=labels.device)
         self.logits = (torch.empty(batch, c.num_tokens, c.vocab_size, device=labels.device,
                                    dtype=torch.promote_types(model.dtype, torch.float32)) if return_logits else None)
@@ -86,21 +85,20 @@ class Decoding:
     def advance(self) -> None:
         """Step k feeds the class embedding (k = 0) or token t_{k-1}, and writes token t_k."""
         model, s, k = self.model, self.s, self.step
-        position = k if s.decode_positions == "official" else (k - 1).clamp_min(0)
-        prev = self.prev_token.repeat(self.num_rows // self.prev_token.shape[0])
-        hidden = torch.where(k == 0, self.cond, model.embed_tokens(prev, position.expand(self.num_rows)))
-        logits = model.step(hidden, self.cache, self.mods, self.final_mod)
         at = k.view(1)
+        # the draw's uniform first: the sampler then directly follows the lm_head GEMV (both PDL kernels)
+        uniform = self.uniform.index_select(1, at)[:, 0] if self.forced_tokens is None else None
+        emb = model.backbone.embeddings
+        hidden = ak.embed_step(self.cond, emb.word_embeddings.weight, emb.position_embeddings.weight, self.tokens, k,
+                               position_offset=0 if s.decode_positions == "official" else 1)
+        logits = model.step(hidden, self.cache, self.mods, self.final_mod)
         if self.logits is not None:
             self.logits.index_copy_(1, at, ak.guided_logits(logits, s.guidance)[:, None])
         if self.forced_tokens is not None:
             token = self.forced_tokens.index_select(1, at)[:, 0]
         else:
-            token = ak.sample_next_token(logits, s.guidance, s.temperature, s.top_k, s.top_p,
-                                         uniform=self.uniform.index_select(1, at)[:, 0])
-        self.tokens.index_copy_(1, at, token[:, None])
-        self.prev_token.copy_(token)
-        self.step += 1
+            token = ak.sample_next_token(logits, s.guidance, s.temperature, s.top_k, s.top_p, uniform=uniform)
+        ak.record_token(token, self.tokens, self.step)
 
 
 class DecodeGraph:

@@ -177,8 +177,9 @@ if _triton.triton is not None:
     @_triton.triton.jit
     def _sample_kernel(LOGITS, U, OUT, vocab, uncond_offset, stride_row, cfg_scale, inv_temperature, top_k,
                        drop_mass, GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0)
+        _triton.pdl_wait(PDL)
         cols, prob = _filtered_weights(LOGITS, row, vocab, uncond_offset, stride_row, cfg_scale, inv_temperature,
                                        top_k, drop_mass, GUIDED, TOP_K, TOP_P, BLOCK)
         cdf = tl.cumsum(prob, axis=0)
@@ -213,7 +214,7 @@ def sample_next_token_triton(logits: Tensor, cfg_scale: float, temperature: floa
     rows = uniform.shape[0]
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     args, meta = sample_kernel_args(logits, cfg_scale, temperature, top_k, top_p, rows)
-    _sample_kernel[(rows,)](logits, uniform, out, *args, **meta)
+    _sample_kernel[(rows,)](logits, uniform, out, *args, **meta, **_triton.launch_options(logits.device))
     return out
 
 
