@@ -1,5 +1,6 @@
 """A/B on the GPU: VQ decode at batch 64 (bf16, channels_last), eager vs CUDA graph, nearest-2x upsample +
-3x3 conv (old) vs the 4x4 stride-2 transposed conv (new). CUDA events, interleaved rounds, medians.
+3x3 conv (old) vs the 4x4 stride-2 transposed conv (new). CUDA events, interleaved rounds, medians. Then
+the decode in float32/bfloat16 x NCHW/channels_last, eager and graphed (the user path loads float32 NCHW).
 
   python scripts/ab_vq_decode.py
 """
@@ -46,3 +47,16 @@ with torch.no_grad():
         res["decode_code(cuda_graph=True) new"].append(events(lambda: vq.decode_code(codes, cuda_graph=True), 10))
     for k, v in res.items():
         print(f"{k:36s} median {statistics.median(v):7.2f} ms  rounds {[round(x, 2) for x in v]}")
+
+    # the user path's layout and dtype: a checkpoint loads float32 NCHW; only the benchmark converts
+    Upsample.forward = new_forward
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            model = VQModel(VQConfig()).cuda().to(dtype).to(memory_format=layout).eval()
+            model.load_state_dict(vq.state_dict())
+            for graph in (False, True):
+                model.decode_code(codes, cuda_graph=graph)
+                ms = events(lambda: model.decode_code(codes, cuda_graph=graph), 7)
+                print(f"{str(dtype):15s} {str(layout):25s} graph={graph!s:5s} {ms:7.2f} ms", flush=True)
+            del model
+            torch.cuda.empty_cache()
