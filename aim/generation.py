@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import aim_kernels as ak
+from aim._state_dict import weight_pointers
 
 DECODE_POSITIONS = ("official", "train")
 DECODE_FORMS = ("auto", "state", "replay")
@@ -105,7 +106,7 @@ class DecodeGraph:
     """CUDA graphs of one generation for fixed (model weights, batch, settings)."""
 
     def __init__(self, model, batch: int, s: Settings):
-        self.weights = _weight_pointers(model)
+        self.weights = weight_pointers(model)
         n = model.config.num_tokens
         self.steps = max(k for k in range(1, STEPS_PER_GRAPH + 1) if n % k == 0)
         labels = torch.zeros(batch, dtype=torch.long, device=model.device)
@@ -133,14 +134,10 @@ class DecodeGraph:
         return self.run.tokens.clone()
 
 
-def _weight_pointers(model) -> tuple:
-    return tuple(t.data_ptr() for t in model.state_dict().values())
-
-
 def _graph_for(model, batch: int, s: Settings) -> DecodeGraph:
     graphs = model.__dict__.setdefault("_decode_graphs", {})
     graph = graphs.get((batch, s))
-    if graph is None or graph.weights != _weight_pointers(model):  # weights moved: capture again
+    if graph is None or graph.weights != weight_pointers(model):  # weights moved: capture again
         graphs[(batch, s)] = graph = DecodeGraph(model, batch, s)
     return graph
 
@@ -217,4 +214,4 @@ def generate(model, c=None, batch: int = 4, temperature: float = 1.0, top_k: int
     tokens = generate_tokens(model, c, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                              generator=generator, cuda_graph=fast, **kwargs)
     side = int(model.config.num_tokens ** 0.5)
-    return model.vqvae.decode_code(tokens.view(-1, side, side))
+    return model.vqvae.decode_code(tokens.view(-1, side, side), cuda_graph=fast)

@@ -5,8 +5,8 @@ LlamaGen's VQModel), so official checkpoints load strictly. Differences from the
 `ch` is honoured (the official code always used 128), only inference is provided (no losses,
 no codebook-usage tracking), each GroupNorm with the SiLU after it is one op (aim_kernels.group_norm:
 float32 statistics, a Triton kernel on the GPU), and the residual blocks and upsampling run their
-convolutions without bias, adding it in the next op (the norm, or the residual add: aim_kernels.add_bias),
-with a channels_last nearest upsampling (aim_kernels.upsample_nearest2x).
+convolutions without bias, adding it in the next op (the norm, or the residual add: aim_kernels.add_bias);
+each nearest 2x upsampling + 3x3 convolution is one equal transposed convolution (see Upsample).
 """
 
 import math
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aim._state_dict import load_state_dict_strict
+from aim._state_dict import load_state_dict_strict, weight_pointers
 from aim.config import is_positive_int
-from aim_kernels import add_bias, group_norm, upsample_nearest2x
+from aim_kernels import add_bias, group_norm
 
 
 @dataclass
@@ -132,13 +132,32 @@ class AttnBlock(nn.Module):
         return add_bias(conv_without_bias(self.proj_out, y), self.proj_out.bias, residual=x)
 
 
+# Row r of a 3x3 convolution (padding 1) over a nearest-2x-upsampled input reads input rows
+# (r - 1) // 2, r // 2, (r + 1) // 2: even rows tap rows i-1 (k0) and i (k1 + k2), odd rows i (k0 + k1) and
+# i+1 (k2). That is a 4x4 transposed convolution of stride 2 and padding 1 with taps [k2, k1+k2, k0+k1, k0]
+# per axis: 2x2 instead of 3x3 products per output pixel, and no upsampled tensor in memory.
+def _subpixel_taps(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    k0, k1, k2 = weight.unbind(dim)
+    return torch.stack((k2, k1 + k2, k0 + k1, k0), dim)
+
+
+def upsample_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (C_in, C_out, 4, 4) transposed-convolution weight equal to nearest 2x upsampling then a
+    (C_out, C_in, 3, 3) convolution with padding 1; the taps are summed in float32 (or float64)."""
+    wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    return _subpixel_taps(_subpixel_taps(wide, 2), 3).transpose(0, 1).to(weight.dtype)
+
+
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return add_bias(conv_without_bias(self.conv, upsample_nearest2x(x)), self.conv.bias)
+        weight = upsample_conv_weight(self.conv.weight)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return add_bias(F.conv_transpose2d(x, weight, None, stride=2, padding=1), self.conv.bias)
 
 
 class Downsample(nn.Module):
@@ -289,10 +308,13 @@ class VQModel(nn.Module):
         z = self.quant_conv(self.encoder(images.to(device=weight.device, dtype=weight.dtype)))
         return self.quantize.nearest(z)
 
-    def decode_code(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_code(self, codes: torch.Tensor, cuda_graph: bool = False) -> torch.Tensor:
         """Decode codes (B, h, w), or (B, h*w) with a square grid, into images (B, out_channels, h*f, w*f).
 
         The output is not clamped: callers clamp to [-1, 1]. Runs in the model's dtype and device.
+        cuda_graph: on CUDA, replay a CUDA graph captured by the first call for this shape of codes (and
+            captured again when the weights move): the decode then costs no per-op launches. Without
+            gradients; the graph keeps the memory of the decode's activations.
         """
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
@@ -306,8 +328,17 @@ class VQModel(nn.Module):
         lo, hi, n = codes.min().item(), codes.max().item(), self.config.n_embed
         if lo < 0 or hi >= n:
             raise ValueError(f"codes must lie in [0, {n}), got values in [{lo}, {hi}]")
-        weight = self.post_quant_conv.weight
-        quant = self.quantize.lookup(codes.to(device=weight.device, dtype=torch.long)).to(weight.dtype)
+        codes = codes.to(device=self.post_quant_conv.weight.device, dtype=torch.long)
+        if cuda_graph and codes.device.type == "cuda":
+            graphs = self.__dict__.setdefault("_decode_graphs", {})
+            graph = graphs.get(codes.shape)
+            if graph is None or graph.weights != weight_pointers(self):
+                graphs[codes.shape] = graph = _DecodeGraph(self, codes.shape)
+            return graph(codes)
+        return self._decode(codes)
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        quant = self.quantize.lookup(codes).to(self.post_quant_conv.weight.dtype)
         if self.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):  # a channels_last model
             quant = quant.contiguous(memory_format=torch.channels_last)
         # fixed shapes, called repeatedly: let cuDNN pick its fastest convolution algorithms
@@ -329,3 +360,25 @@ class VQModel(nn.Module):
         model = cls(config if config is not None else VQConfig())
         load_state_dict_strict(model, checkpoint["model"], f"LlamaGen VQ checkpoint {path}")
         return model.eval()
+
+
+class _DecodeGraph:
+    """VQModel._decode captured as one CUDA graph, for one shape of codes and fixed weights."""
+
+    @torch.no_grad()
+    def __init__(self, model: VQModel, shape: torch.Size):
+        self.weights = weight_pointers(model)
+        self.codes = torch.zeros(shape, dtype=torch.long, device=model.post_quant_conv.weight.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up: cuDNN picks its algorithms, Triton compiles
+            model._decode(self.codes)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.images = model._decode(self.codes)
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        self.codes.copy_(codes)
+        self.graph.replay()
+        return self.images.clone()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from aim._state_dict import load_state_dict_strict
-from aim.vq import VQConfig, VQModel
+from aim.vq import Upsample, VQConfig, VQModel
 
 GOLDEN = Path(__file__).parent / "data" / "vq_decoder.safetensors"
 # The config of the golden case (see tests/data/index.json, case "vq_decoder").
@@ -43,6 +43,43 @@ def test_golden_decode():
     assert out.shape == exp.shape == (2, 3, 16, 16)
     assert out.dtype == torch.float64
     assert rel_err(out, exp) < 1e-6
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("c_in,h,w", [(3, 5, 7), (8, 4, 4), (5, 1, 9)])
+def test_upsample_is_nearest_then_conv(c_in, h, w, channels_last):
+    """The transposed-convolution Upsample equals the official nearest 2x upsampling + 3x3 convolution."""
+    torch.manual_seed(c_in * h + w)
+    up = Upsample(c_in).double()
+    x = torch.randn(2, c_in, h, w, dtype=torch.float64)
+    ref = up.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.full_like(ref, float("nan"))
+    out.copy_(up(x))
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-13
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_matches_eager(dtype):
+    model = small_model().to(device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for seed in (1, 2):  # the second call replays the graph on new codes
+        codes = torch.randint(0, model.config.n_embed, (3, 4, 4), device="cuda",
+                              generator=torch.Generator("cuda").manual_seed(seed))
+        eager = model.decode_code(codes)
+        assert rel_err(model.decode_code(codes, cuda_graph=True), eager) < tol
+    assert len(model._decode_graphs) == 1
+    model.to(torch.float64)  # the weights move: captured again
+    assert rel_err(model.decode_code(codes, cuda_graph=True), model.decode_code(codes)) < 1e-12
+
+
+def test_cuda_graph_decode_on_cpu_is_eager():
+    model = small_model()
+    codes = torch.randint(0, model.config.n_embed, (2, 4, 4))
+    assert rel_err(model.decode_code(codes, cuda_graph=True), model.decode_code(codes)) == 0
 
 
 def test_decode_flat_codes_match_grid():
