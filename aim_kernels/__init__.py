@@ -7,7 +7,7 @@ from .causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_updat
 from .gemv import add_rmsnorm_modulate_linear, add_rmsnorm_modulate_linear_ref, linear, linear_ref
 from .decode import mamba2_decode_step, mamba2_decode_step_ref
 from .decode_loop import embed_step, embed_step_ref, record_token, record_token_ref
-from .elementwise import add_bias, add_bias_ref, upsample_nearest2x, upsample_nearest2x_ref
+from .elementwise import add_bias, add_bias_ref
 from .group_norm import group_norm, group_norm_ref
 from .norm import (adaln_modulate, adaln_modulate_ref, add_rmsnorm, add_rmsnorm_modulate,
                    add_rmsnorm_modulate_ref, add_rmsnorm_ref, rmsnorm_gated, rmsnorm_gated_ref)

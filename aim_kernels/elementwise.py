@@ -1,22 +1,19 @@
-"""The VQ decoder's memory-bound elementwise passes, vectorised for channels_last.
+"""The VQ decoder's memory-bound elementwise pass, vectorised for channels_last.
 
-- `add_bias(x, bias, residual)`: x + bias[channel] (+ residual) in one pass. The decoder runs its
-  convolutions without bias and adds the bias here, fused with the residual connection: PyTorch adds a
-  convolution's bias in a separate pass that does not vectorise over a channels_last output (59 such
-  passes took 16 of a 61 ms batch-64 decode), then adds the residual in another.
-- `upsample_nearest2x(x)`: F.interpolate(x, scale_factor=2, mode="nearest"), which PyTorch runs at ~0.4
-  TB/s on channels_last.
+`add_bias(x, bias, residual)`: x + bias[channel] (+ residual) in one pass. The decoder runs its
+convolutions without bias and adds the bias here, fused with the residual connection: PyTorch adds a
+convolution's bias in a separate pass that does not vectorise over a channels_last output (59 such
+passes took 16 of a 61 ms batch-64 decode), then adds the residual in another.
 
-Both references compute in x's dtype promoted to float32 (float64 for float64) and return x's dtype and
-memory format. Triton backends: 4-D channels_last or contiguous (N, C, *) (add_bias), 4-D channels_last
-(upsample); other layouts take the reference.
+The reference computes in x's dtype promoted to float32 (float64 for float64) and returns x's dtype and
+memory format. The Triton backend takes 4-D channels_last or contiguous (N, C, *); other layouts take the
+reference.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ext, _triton
@@ -32,11 +29,6 @@ def add_bias_ref(x: Tensor, bias: Tensor, residual: Optional[Tensor] = None) -> 
     if residual is not None:
         y = y + residual.to(cd)
     return y.to(x.dtype)
-
-
-def upsample_nearest2x_ref(x: Tensor) -> Tensor:
-    """Nearest-neighbour upsampling by 2 along height and width (an exact copy: no arithmetic)."""
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
 # ---- torch.library ops ------------------------------------------------------------------------------
@@ -65,24 +57,6 @@ def _add_bias_backward(ctx, dout):
 _add_bias.register_autograd(_add_bias_backward, setup_context=_add_bias_setup)
 
 
-@torch.library.custom_op("aim_kernels::upsample_nearest2x", mutates_args=())
-def _upsample_nearest2x(x: Tensor) -> Tensor:
-    return upsample_nearest2x_ref(x)
-
-
-@_upsample_nearest2x.register_fake
-def _(x):
-    return upsample_nearest2x_ref(x)  # F.interpolate's meta kernel: the shape and memory format
-
-
-def _upsample_backward(ctx, dout):
-    n, c, h, w = dout.shape
-    return dout.reshape(n, c, h // 2, 2, w // 2, 2).sum(dim=(3, 5))
-
-
-_upsample_nearest2x.register_autograd(_upsample_backward)
-
-
 # ---- public API ------------------------------------------------------------------------------------
 
 def add_bias(x: Tensor, bias: Tensor, residual: Optional[Tensor] = None) -> Tensor:
@@ -97,14 +71,6 @@ def add_bias(x: Tensor, bias: Tensor, residual: Optional[Tensor] = None) -> Tens
     if residual is not None:
         check_tensor("residual", residual, tuple(x.shape), device=x.device)
     return _add_bias(x, bias, residual)
-
-
-def upsample_nearest2x(x: Tensor) -> Tensor:
-    """F.interpolate(x, scale_factor=2, mode="nearest") for x (N, C, H, W); keeps x's memory format."""
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a tensor of shape (N, C, H, W), got {getattr(x, 'shape', type(x))}")
-    check_tensor("x", x, tuple(x.shape), device=x.device)
-    return _upsample_nearest2x(x)
 
 
 # ---- Triton backends ---------------------------------------------------------------------------------
@@ -132,24 +98,6 @@ if _triton.triton is not None:
             y += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
-    @_triton.triton.jit
-    def _upsample_nearest2x_kernel(X, Y, positions, h, w, channels, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """NHWC: one program per (block of input positions, block of channels) writes each loaded pixel to
-        its 2 x 2 output pixels."""
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)   # input position (n * h + i) * w + j
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (p < positions)[:, None] & (c < channels)[None, :]
-        v = tl.load(X + p.to(tl.int64)[:, None] * channels + c[None, :], mask=mask)
-        ni = p // w   # n * h + i
-        j = p % w
-        out_pos = (2 * ni.to(tl.int64)) * (2 * w) + 2 * j   # output position of (2i, 2j): row 2(n h + i)
-        base = Y + out_pos[:, None] * channels + c[None, :]
-        tl.store(base, v, mask=mask)
-        tl.store(base + channels, v, mask=mask)
-        tl.store(base + 2 * w * channels, v, mask=mask)
-        tl.store(base + (2 * w + 1) * channels, v, mask=mask)
-
-
 def _tile(cols: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C) for a (rows, cols) pass: a whole row when it fits, TILE_ELEMS elements in all."""
     block_c = min(_triton.triton.next_power_of_2(cols), TILE_ELEMS)
@@ -169,12 +117,9 @@ def add_bias_not_supported_reasons(x: Tensor, bias: Tensor, residual: Optional[T
     return reasons
 
 
-def _alloc_like(x: Tensor, shape: Optional[tuple] = None) -> Tensor:
+def _alloc_like(x: Tensor) -> Tensor:
     """The output buffer (tests poison it)."""
-    if shape is None:
-        return torch.empty_like(x)
-    return torch.empty(shape, dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
+    return torch.empty_like(x)
 
 
 def add_bias_triton(x: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -192,28 +137,6 @@ def add_bias_triton(x: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tens
     return out
 
 
-def upsample_not_supported_reasons(x: Tensor) -> list[str]:
-    reasons = _triton.reasons(x.device)
-    if not is_channels_last(x):
-        reasons.append(f"x is not channels_last (strides {x.stride()})")
-    if x.numel() == 0:
-        reasons.append("x is empty")
-    return reasons
-
-
-def upsample_nearest2x_triton(x: Tensor) -> Tensor:
-    n, c, h, w = x.shape
-    out = _alloc_like(x, (n, c, 2 * h, 2 * w))
-    block_p, block_c = _tile(c)
-    block_p = max(1, block_p // 4)  # each element is stored 4 times
-    grid = (_triton.triton.cdiv(n * h * w, block_p), _triton.triton.cdiv(c, block_c))
-    _upsample_nearest2x_kernel[grid](x, out, n * h * w, h, w, c, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
-    return out
-
-
 _ext.register_backend(_add_bias, "triton", device_type="cuda", impl=add_bias_triton,
                       not_supported_reasons=add_bias_not_supported_reasons,
-                      unavailable_reasons=_triton.unavailable_reasons)
-_ext.register_backend(_upsample_nearest2x, "triton", device_type="cuda", impl=upsample_nearest2x_triton,
-                      not_supported_reasons=upsample_not_supported_reasons,
                       unavailable_reasons=_triton.unavailable_reasons)

@@ -100,8 +100,10 @@ def test_argument_checks(call, error, match):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_steps_in_a_cuda_graph(dtype):
-    """Both ops over 6 steps of one captured graph, against the references step by step."""
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda_graph"])
+def test_gpu_steps(dtype, graphed):
+    """Both ops over 6 steps, eagerly (compute-sanitizer runs this one) or replayed from one captured
+    CUDA graph, against the references step by step."""
     batch, rows, d, T = 3, 6, 1030, 6
     cond, word, pos, tokens = make_case(batch, rows, d, 50, 9, T, dtype, device="cuda")
     sampled = torch.randint(50, (T, batch), device="cuda")
@@ -118,18 +120,20 @@ def test_gpu_steps_in_a_cuda_graph(dtype):
             inputs[k].copy_(ak.embed_step(cond, word, pos, tokens, step, 1))
             ak.record_token(sampled[k], tokens, step)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # warm-up: compiles
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    step.zero_()
-    with torch.cuda.graph(graph):
-        run()
+    if graphed:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()  # warm-up: compiles
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        step.zero_()
+        with torch.cuda.graph(graph):
+            run()
+        run = graph.replay
     step.zero_()
     inputs.fill_(float("nan"))
-    graph.replay()
+    run()
     torch.cuda.synchronize()
     assert step.item() == T and torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(inputs, torch.stack(expected), rtol=0, atol=0)

@@ -1,9 +1,8 @@
-"""add_bias and upsample_nearest2x: references against float64 / PyTorch, the Triton kernels (interpreter on
-CPU, the GPU at the VQ decoder's sizes) against the references, with poisoned outputs; checks, opcheck,
+"""add_bias: the reference against float64, the Triton kernel (interpreter on
+CPU, the GPU at the VQ decoder's sizes) against the reference, with poisoned outputs; checks, opcheck,
 gradients."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import aim_kernels as ak
 from aim_kernels import _ext, _triton
@@ -53,16 +52,6 @@ def test_add_bias_op(dtype, channels_last, with_residual):
     assert rel_err(out, add_bias_float64(x, bias, residual)) < TOL.get(dtype, 1e-15)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_upsample_op_is_pytorch_nearest(dtype, channels_last):
-    x = make((2, 12, 5, 3), dtype, channels_last=channels_last)
-    out = ak.upsample_nearest2x(x)
-    ref = F.interpolate(x, scale_factor=2.0, mode="nearest")
-    assert torch.equal(out, ref) and out.stride() == ref.stride()
-    assert torch.equal(out[:, :, 1::2, ::2], x)  # the definition: out[2i + a, 2j + b] = x[i, j]
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck(channels_last):
     x = make((2, 6, 3, 5), torch.float64, channels_last=channels_last).requires_grad_()
@@ -70,7 +59,6 @@ def test_opcheck(channels_last):
     residual = make((2, 6, 3, 5), torch.float64, channels_last=channels_last).requires_grad_()
     torch.library.opcheck(torch.ops.aim_kernels.add_bias.default, (x, bias, residual))
     torch.library.opcheck(torch.ops.aim_kernels.add_bias.default, (x, bias, None))
-    torch.library.opcheck(torch.ops.aim_kernels.upsample_nearest2x.default, (x,))
 
 
 def test_gradcheck():
@@ -78,7 +66,6 @@ def test_gradcheck():
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
     residual = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ak.add_bias, (x, bias, residual))
-    assert torch.autograd.gradcheck(ak.upsample_nearest2x, (x,))
 
 
 @pytest.mark.parametrize("call,error,match", [
@@ -86,8 +73,6 @@ def test_gradcheck():
     (lambda x, b: ak.add_bias(x, b[:3]), ValueError, r"bias must have shape \(8\)"),
     (lambda x, b: ak.add_bias(x, b, x[:1]), ValueError, r"residual must have shape \(2, 8, 3, 3\)"),
     (lambda x, b: ak.add_bias(x, b.long()), TypeError, "bias must have dtype"),
-    (lambda x, b: ak.upsample_nearest2x(x[0]), ValueError, r"\(N, C, H, W\)"),
-    (lambda x, b: ak.upsample_nearest2x(x.int()), TypeError, "x must have dtype"),
 ])
 def test_input_checks(call, error, match):
     x, b = torch.randn(2, 8, 3, 3), torch.randn(8)
@@ -101,10 +86,8 @@ def test_not_supported_reasons():
     assert any("neither contiguous" in r for r in ew.add_bias_not_supported_reasons(x[:, :, ::2], b, None))
     assert any("strides" in r for r in ew.add_bias_not_supported_reasons(
         x, b, x.to(memory_format=torch.channels_last)))
-    assert any("not channels_last" in r for r in ew.upsample_not_supported_reasons(x))
     if not _triton.reasons(x.device):
         assert ew.add_bias_not_supported_reasons(x, b, x) == []
-        assert ew.upsample_not_supported_reasons(x.to(memory_format=torch.channels_last)) == []
 
 
 # ---- Triton, under the interpreter ----------------------------------------------------------------------
@@ -122,18 +105,6 @@ def test_add_bias_triton_interpreter(poisoned, monkeypatch, shape, dtype):
             out = ew.add_bias_triton(x, bias, residual)
             assert out.stride() == x.stride()
             assert rel_err(out, add_bias_float64(x, bias, residual)) < TOL[dtype]
-
-
-@needs_triton
-@interpreter_only
-@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (1, 3, 1, 2), (2, 40, 3, 3)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_upsample_triton_interpreter(poisoned, monkeypatch, shape, dtype):
-    monkeypatch.setattr(ew, "TILE_ELEMS", 128)
-    x = make(shape, dtype, channels_last=True)
-    out = ew.upsample_nearest2x_triton(x)
-    assert torch.equal(out, F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------
@@ -155,14 +126,3 @@ def test_cuda_add_bias(poisoned, shape, channels_last):
         out = ak.add_bias(x, bias, residual)
         assert out.stride() == x.stride()
         assert rel_err(out, add_bias_float64(x, bias, residual)) < TOL[dtype]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", GPU_SHAPES[1:], ids=GPU_IDS[1:])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_upsample(poisoned, shape, dtype):
-    x = make(shape, dtype, "cuda", channels_last=True)
-    assert _ext.backend_for(ew._upsample_nearest2x, x) == "triton"
-    out = ak.upsample_nearest2x(x)
-    assert torch.equal(out, F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    assert out.is_contiguous(memory_format=torch.channels_last)
