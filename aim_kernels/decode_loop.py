@@ -26,8 +26,10 @@ def embed_step_ref(cond: Tensor, word_weight: Tensor, pos_weight: Tensor, tokens
                    position_offset: int) -> Tensor:
     rows, batch = cond.shape[0], tokens.shape[0]
     prev = tokens.index_select(1, (step - 1).clamp_min(0).view(1))[:, 0].repeat(rows // batch)
-    prev = prev.clamp(0, word_weight.shape[0] - 1)  # at step 0 the column is unwritten (and unused)
-    position = (step - position_offset).clamp_min(0).expand(rows)
+    # clamped as the kernel clamps (no out-of-bounds read from a bad token or step): at step 0 the
+    # token column is unwritten (and unused)
+    prev = prev.clamp(0, word_weight.shape[0] - 1)
+    position = (step - position_offset).clamp(0, pos_weight.shape[0] - 1).expand(rows)
     return torch.where(step == 0, cond, F.embedding(prev, word_weight) + F.embedding(position, pos_weight))
 
 
@@ -72,7 +74,8 @@ def embed_step(cond: Tensor, word_weight: Tensor, pos_weight: Tensor, tokens: Te
 
     word_weight (V, d) and pos_weight (P, d) have cond's dtype; tokens (B, T) int64 holds the tokens
     sampled so far; position_offset is 0 (the official decoding convention: the token fed at step k has
-    position id k) or 1. The sum is rounded once to cond's dtype, as PyTorch's add. Inference only.
+    position id k) or 1. The sum is rounded once to cond's dtype, as PyTorch's add. Token ids and
+    positions are clamped into word_weight's and pos_weight's rows. Inference only.
     """
     if not isinstance(cond, Tensor) or cond.dim() != 2:
         raise ValueError(f"cond must be (rows, d), got {getattr(cond, 'shape', type(cond).__name__)}")
@@ -91,7 +94,8 @@ def embed_step(cond: Tensor, word_weight: Tensor, pos_weight: Tensor, tokens: Te
 
 
 def record_token(token: Tensor, tokens: Tensor, step: Tensor) -> None:
-    """tokens[:, step] = token (B,), then step += 1 (in place; step is a 0-dim int64 tensor in [0, T))."""
+    """tokens[:, step] = token (B,), then step += 1 (in place; step is a 0-dim int64 tensor in [0, T): the
+    reference raises for a step outside it, the GPU kernel writes no token)."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         raise ValueError(f"tokens must be (batch, T), got {getattr(tokens, 'shape', type(tokens).__name__)}")
     check_tensor("tokens", tokens, tuple(tokens.shape), device=tokens.device, dtypes=(torch.int64,))
@@ -109,8 +113,8 @@ if _triton.triton is not None:
     tl = _triton.tl
 
     @_triton.triton.jit
-    def _embed_step_kernel(cond_ptr, word_ptr, pos_ptr, tokens_ptr, step_ptr, out_ptr, batch, d, stride_cond,
-                           stride_word, stride_pos, stride_tokens, position_offset, BLOCK: tl.constexpr,
+    def _embed_step_kernel(cond_ptr, word_ptr, pos_ptr, tokens_ptr, step_ptr, out_ptr, batch, d, vocab, positions,
+                           stride_cond, stride_word, stride_pos, stride_tokens, position_offset, BLOCK: tl.constexpr,
                            PDL: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -119,7 +123,8 @@ if _triton.triton is not None:
         k = tl.load(step_ptr)
         first = k == 0
         token = tl.load(tokens_ptr + (r % batch) * stride_tokens + tl.maximum(k - 1, 0))
-        position = tl.maximum(k - position_offset, 0)
+        token = tl.minimum(tl.maximum(token, 0), vocab - 1)
+        position = tl.minimum(tl.maximum(k - position_offset, 0), positions - 1)
         cond = tl.load(cond_ptr + r * stride_cond + cols, mask=mask & first, other=0.0)
         word = tl.load(word_ptr + token * stride_word + cols, mask=mask & ~first, other=0.0)
         pos = tl.load(pos_ptr + position * stride_pos + cols, mask=mask & ~first, other=0.0)
@@ -127,13 +132,14 @@ if _triton.triton is not None:
         tl.store(out_ptr + r * d + cols, tl.where(first, cond, emb), mask=mask)
 
     @_triton.triton.jit
-    def _record_token_kernel(token_ptr, tokens_ptr, step_ptr, batch, stride_tokens, BLOCK: tl.constexpr,
+    def _record_token_kernel(token_ptr, tokens_ptr, step_ptr, batch, T, stride_tokens, BLOCK: tl.constexpr,
                              PDL: tl.constexpr):
         _triton.pdl_wait(PDL)
         k = tl.load(step_ptr)
         for b0 in range(0, batch, BLOCK):
             b = b0 + tl.arange(0, BLOCK)
-            tl.store(tokens_ptr + b * stride_tokens + k, tl.load(token_ptr + b, mask=b < batch), mask=b < batch)
+            mask = (b < batch) & (k >= 0) & (k < T)
+            tl.store(tokens_ptr + b * stride_tokens + k, tl.load(token_ptr + b, mask=mask), mask=mask)
         # every thread has read the step before any writes it
         tl.debug_barrier()
         tl.store(step_ptr, k + 1)
@@ -158,7 +164,8 @@ def embed_step_triton(cond: Tensor, word_weight: Tensor, pos_weight: Tensor, tok
     rows, d = cond.shape
     out = _alloc_output(cond)
     grid = (rows, _triton.triton.cdiv(d, EMBED_BLOCK))
-    _embed_step_kernel[grid](cond, word_weight, pos_weight, tokens, step, out, tokens.shape[0], d, cond.stride(0),
+    _embed_step_kernel[grid](cond, word_weight, pos_weight, tokens, step, out, tokens.shape[0], d,
+                             word_weight.shape[0], pos_weight.shape[0], cond.stride(0),
                              word_weight.stride(0), pos_weight.stride(0), tokens.stride(0), position_offset,
                              BLOCK=EMBED_BLOCK, num_warps=4, **_triton.launch_options(cond.device))
     return out
@@ -173,8 +180,8 @@ def record_token_not_supported_reasons(token: Tensor, tokens: Tensor, step: Tens
 
 
 def record_token_triton(token: Tensor, tokens: Tensor, step: Tensor) -> None:
-    _record_token_kernel[(1,)](token, tokens, step, tokens.shape[0], tokens.stride(0), BLOCK=RECORD_BLOCK,
-                               num_warps=4, **_triton.launch_options(tokens.device))
+    _record_token_kernel[(1,)](token, tokens, step, tokens.shape[0], tokens.shape[1], tokens.stride(0),
+                               BLOCK=RECORD_BLOCK, num_warps=4, **_triton.launch_options(tokens.device))
 
 
 _ext.register_backend(_embed_step, "triton", device_type="cuda", impl=embed_step_triton,

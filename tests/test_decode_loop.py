@@ -74,6 +74,22 @@ def test_record_token_triton_interpreter(batch):
     assert torch.equal(tokens, expect)
 
 
+@needs_triton
+@interpreter_only
+def test_bad_tokens_and_steps_stay_in_bounds():
+    """Out-of-range token ids and positions are clamped as the reference clamps them; a step past T records
+    nothing (no out-of-bounds access on the GPU)."""
+    cond, word, pos, tokens = make_case(2, 4, 16, 20, 5, 6, torch.float32)
+    tokens[0, 2], tokens[1, 2] = -3, 99
+    for k in (3, 6):  # position k = 6 is past pos's 5 rows
+        step = torch.tensor(k)
+        out = dl.embed_step_triton(cond, word, pos, tokens, step, 0)
+        torch.testing.assert_close(out, dl.embed_step_ref(cond, word, pos, tokens, step, 0), rtol=0, atol=0)
+    before, step = tokens.clone(), torch.tensor(6)
+    dl.record_token_triton(torch.tensor([1, 2]), tokens, step)
+    assert torch.equal(tokens, before) and step.item() == 7
+
+
 def test_opcheck():
     cond, word, pos, tokens = make_case(2, 4, 16, 20, 5, 6, torch.float32)
     torch.library.opcheck(torch.ops.aim_kernels.embed_step.default, (cond, word, pos, tokens, torch.tensor(3), 1))
