@@ -1,5 +1,4 @@
-"""Strict state-dict loading with an error message that says what is wrong; the weights' addresses
-(a captured CUDA graph holds them: a graph is captured again when they change)."""
+"""Strict state-dict loading with an error message that says what is wrong."""
 
 import torch
 from torch import nn
@@ -43,7 +42,3 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict, what: str, assig
         raise ValueError("\n".join(parts))
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
-
-def weight_pointers(module: nn.Module) -> tuple:
-    """The data pointers of the module's state dict, in order."""
-    return tuple(t.data_ptr() for t in module.state_dict().values())

@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import aim_kernels as ak
-from aim._state_dict import weight_pointers
+from aim._graphs import cached_graph
 
 DECODE_POSITIONS = ("official", "train")
 DECODE_FORMS = ("auto", "state", "replay")
@@ -106,7 +106,6 @@ class DecodeGraph:
     """CUDA graphs of one generation for fixed (model weights, batch, settings)."""
 
     def __init__(self, model, batch: int, s: Settings):
-        self.weights = weight_pointers(model)
         n = model.config.num_tokens
         self.steps = max(k for k in range(1, STEPS_PER_GRAPH + 1) if n % k == 0)
         labels = torch.zeros(batch, dtype=torch.long, device=model.device)
@@ -132,14 +131,6 @@ class DecodeGraph:
         for _ in range(self.run.tokens.shape[1] // self.steps):
             self.advance.replay()
         return self.run.tokens.clone()
-
-
-def _graph_for(model, batch: int, s: Settings) -> DecodeGraph:
-    graphs = model.__dict__.setdefault("_decode_graphs", {})
-    graph = graphs.get((batch, s))
-    if graph is None or graph.weights != weight_pointers(model):  # weights moved: capture again
-        graphs[(batch, s)] = graph = DecodeGraph(model, batch, s)
-    return graph
 
 
 @torch.no_grad()
@@ -187,7 +178,8 @@ def generate_tokens(model, labels, cfg_scale: float = 1.5, temperature: float = 
     model.eval()
     try:
         if cuda_graph and model.device.type == "cuda" and forced_tokens is None and not return_logits:
-            return _graph_for(model, batch, settings)(labels, uniform)
+            graph = cached_graph(model, (batch, settings), lambda: DecodeGraph(model, batch, settings))
+            return graph(labels, uniform)
         run = Decoding(model, labels, settings, uniform, forced_tokens, return_logits)
         run.prologue()
         for _ in tqdm(range(c.num_tokens), desc="tokens", disable=not progress, leave=False):

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aim._state_dict import load_state_dict_strict, weight_pointers
+from aim._graphs import cached_graph
+from aim._state_dict import load_state_dict_strict
 from aim.config import is_positive_int
 from aim_kernels import add_bias, group_norm
 
@@ -330,11 +331,7 @@ class VQModel(nn.Module):
             raise ValueError(f"codes must lie in [0, {n}), got values in [{lo}, {hi}]")
         codes = codes.to(device=self.post_quant_conv.weight.device, dtype=torch.long)
         if cuda_graph and codes.device.type == "cuda":
-            graphs = self.__dict__.setdefault("_decode_graphs", {})
-            graph = graphs.get(codes.shape)
-            if graph is None or graph.weights != weight_pointers(self):
-                graphs[codes.shape] = graph = _DecodeGraph(self, codes.shape)
-            return graph(codes)
+            return cached_graph(self, codes.shape, lambda: _DecodeGraph(self, codes.shape))(codes)
         return self._decode(codes)
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -367,7 +364,6 @@ class _DecodeGraph:
 
     @torch.no_grad()
     def __init__(self, model: VQModel, shape: torch.Size):
-        self.weights = weight_pointers(model)
         self.codes = torch.zeros(shape, dtype=torch.long, device=model.post_quant_conv.weight.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -68,10 +68,13 @@ def test_graph_is_recaptured_when_weights_move():
     model = aim_b_layers(2).cuda()
     labels = torch.tensor([0], device="cuda")
     model.generate_tokens(labels)
-    first = next(iter(model._decode_graphs.values()))
+    (first,) = model._cuda_graphs.values()
+    model.generate_tokens(labels)
+    assert model._cuda_graphs[next(iter(model._cuda_graphs))] is first  # replayed, not captured again
     model.to(torch.bfloat16)
     model.generate_tokens(labels)
-    assert next(iter(model._decode_graphs.values())) is not first
+    (second,) = model._cuda_graphs.values()
+    assert second[1] is not first[1]
 
 
 @pytest.mark.parametrize("preset,batches", [("AiM-B", (1, 256)), ("AiM-L", (1, 16)), ("AiM-XL", (1, 64)),

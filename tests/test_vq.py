@@ -71,7 +71,7 @@ def test_cuda_graph_decode_matches_eager(dtype):
                               generator=torch.Generator("cuda").manual_seed(seed))
         eager = model.decode_code(codes)
         assert rel_err(model.decode_code(codes, cuda_graph=True), eager) < tol
-    assert len(model._decode_graphs) == 1
+    assert len(model._cuda_graphs) == 1
     model.to(torch.float64)  # the weights move: captured again
     assert rel_err(model.decode_code(codes, cuda_graph=True), model.decode_code(codes)) < 1e-12
 
