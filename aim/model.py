@@ -97,17 +97,22 @@ class Mamba2Mixer(nn.Module):
                               D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         return self._out(y.flatten(-2), z)
 
-    def step(self, zxbcdt: Tensor, cache: Union[StateCache, ReplayCache]) -> Tensor:
-        """One token from its in_proj output (batch, in_proj features); updates the cache in place."""
+    def step(self, zxbcdt: Tensor, cache: Union[StateCache, ReplayCache]) -> tuple[Tensor, Optional[Tensor]]:
+        """One token from its in_proj output (batch, in_proj features); updates the cache in place.
+
+        Returns (output, None), or in the replay form with one norm group (output, mean_sq): the output
+        before its gated RMSNorm's 1/rms, which the next prologue applies (out_proj is linear)."""
         if isinstance(cache, StateCache):
             return ak.mamba2_decode_step(zxbcdt, cache.conv_state, cache.ssm_state, self.conv1d.weight.squeeze(1),
                                          self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight,
-                                         NORM_EPS, self.headdim, self.ngroups, self.out_proj.weight)
+                                         NORM_EPS, self.headdim, self.ngroups, self.out_proj.weight), None
         z, xBC, dt = self._split(zxbcdt)
-        y = ak.mamba2_replay_step(xBC, dt, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.A,
-                                  self.D, self.dt_bias, cache.hist_x, cache.hist_B, cache.hist_dt, cache.hist_cum,
-                                  cache.step)
-        return self._out(y.flatten(-2), z)
+        args = (xBC, dt, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.A, self.D,
+                self.dt_bias, cache.hist_x, cache.hist_B, cache.hist_dt, cache.hist_cum, cache.step)
+        if self.ngroups == 1:
+            u, mean_sq = ak.mamba2_replay_step_gated(*args, z, self.norm.weight)
+            return ak.linear(u, self.out_proj.weight), mean_sq
+        return self._out(ak.mamba2_replay_step(*args).flatten(-2), z), None
 
     def allocate_cache(self, batch: int, device, dtype, state_dtype, max_len: int,
                        step: Optional[Tensor]) -> Union[StateCache, ReplayCache]:
@@ -163,7 +168,7 @@ class Mamba1Mixer(nn.Module):
                               delta_softplus=True)
         return ak.linear(y.transpose(1, 2), self.out_proj.weight)
 
-    def step(self, xz: Tensor, cache: StateCache) -> Tensor:
+    def step(self, xz: Tensor, cache: StateCache) -> tuple[Tensor, None]:
         """One token from its in_proj output (batch, 2 * d_inner); updates the cache in place."""
         conv_state, ssm_state = cache
         x, z = xz.chunk(2, dim=-1)
@@ -172,7 +177,7 @@ class Mamba1Mixer(nn.Module):
         y = ak.selective_state_update(  # Mamba1 is one head of headdim d_inner
             ssm_state, x[:, None], dt[:, None], -torch.exp(self.A_log.float())[None], B[:, None], C[:, None],
             D=self.D[None], z=z[:, None], dt_bias=self.dt_proj.bias[None], dt_softplus=True)
-        return ak.linear(y[:, 0], self.out_proj.weight)
+        return ak.linear(y[:, 0], self.out_proj.weight), None
 
     def allocate_cache(self, batch: int, device, dtype, state_dtype, max_len: int,
                        step: Optional[Tensor]) -> StateCache:
@@ -201,24 +206,29 @@ class Block(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 3 * d))
 
     def forward(self, hidden: Tensor, hidden_gate: Optional[Tensor], residual: Optional[Tensor],
-                modulation: Tensor, cache: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """hidden/residual (batch, [seqlen,] d); hidden_gate (batch, d) the previous block's gate (or None);
+                modulation: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """hidden/residual (batch, seqlen, d); hidden_gate (batch, d) the previous block's gate (or None);
         modulation (batch, 3, d) = (shift, scale, gate).
 
         Returns (mixer output, this block's gate, residual): the gate multiplies the output inside the
-        next fused residual add, saving a pass. With a cache, hidden is one token (batch, d) and the
-        mixer takes a recurrent step.
+        next fused residual add, saving a pass.
         """
         shift, scale, gate = modulation.unbind(1)
-        if cache is None:
-            h, residual = ak.add_rmsnorm_modulate(hidden, residual, self.norm.weight, shift, scale, NORM_EPS,
-                                                  x_gate=hidden_gate)
-            h = self.mixer(h)
-        else:  # decoding: the prologue and the mixer's in_proj are one op (one kernel at few rows)
-            projected, residual = ak.add_rmsnorm_modulate_linear(hidden, residual, self.norm.weight, shift, scale,
-                                                                 NORM_EPS, hidden_gate, self.mixer.in_proj.weight)
-            h = self.mixer.step(projected, cache)
-        return F.dropout(h, self.mixer_drop, self.training), gate, residual
+        h, residual = ak.add_rmsnorm_modulate(hidden, residual, self.norm.weight, shift, scale, NORM_EPS,
+                                              x_gate=hidden_gate)
+        return F.dropout(self.mixer(h), self.mixer_drop, self.training), gate, residual
+
+    def step(self, hidden: Tensor, hidden_gate: Optional[Tensor], residual: Optional[Tensor], modulation: Tensor,
+             cache: tuple, hidden_mean_sq: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """`forward` for one token (hidden (batch, d)), the mixer taking a recurrent step; the prologue and
+        the mixer's in_proj are one op (one kernel at few rows). hidden_mean_sq: the previous mixer's
+        deferred norm (Mamba2Mixer.step), returned likewise for this block's output."""
+        shift, scale, gate = modulation.unbind(1)
+        projected, residual = ak.add_rmsnorm_modulate_linear(hidden, residual, self.norm.weight, shift, scale,
+                                                             NORM_EPS, hidden_gate, self.mixer.in_proj.weight,
+                                                             hidden_mean_sq, NORM_EPS)
+        h, h_mean_sq = self.mixer.step(projected, cache)
+        return h, gate, residual, h_mean_sq
 
 
 class AiM(nn.Module):
@@ -326,10 +336,12 @@ class AiM(nn.Module):
         h = F.dropout(emb.word_embeddings(tokens), self.config.token_drop, self.training)
         return h + emb.position_embeddings(positions)
 
-    def head(self, hidden: Tensor, gate: Tensor, residual: Tensor, final_mod: Tensor) -> Tensor:
-        """norm_f(gate * hidden + residual) -> RMSNorm -> adaLN modulate -> lm_head."""
+    def head(self, hidden: Tensor, gate: Tensor, residual: Tensor, final_mod: Tensor,
+             hidden_mean_sq: Optional[Tensor] = None) -> Tensor:
+        """norm_f(gate * hidden + residual) -> RMSNorm -> adaLN modulate -> lm_head (hidden_mean_sq: as Block.step)."""
         bb = self.backbone
-        h, _ = ak.add_rmsnorm(hidden, residual, bb.norm_f.weight, NORM_EPS, x_gate=gate)
+        h, _ = ak.add_rmsnorm(hidden, residual, bb.norm_f.weight, NORM_EPS, x_gate=gate, x_mean_sq=hidden_mean_sq,
+                              x_eps=NORM_EPS)
         shift, scale = final_mod.unbind(1)
         h, _ = ak.add_rmsnorm_modulate(h, None, bb.final_layer.norm_final.weight, shift, scale, NORM_EPS)
         return ak.linear(h, self.mamba.lm_head.weight)
@@ -361,10 +373,10 @@ class AiM(nn.Module):
 
     def step(self, hidden: Tensor, cache: list, mods: list[Tensor], final_mod: Tensor) -> Tensor:
         """One decoding step: hidden (R, d) -> logits (R, vocab); updates `cache` in place."""
-        gate = residual = None
+        gate = residual = mean_sq = None
         for layer, mod, layer_cache in zip(self.backbone.layers, mods, cache):
-            hidden, gate, residual = layer(hidden, gate, residual, mod, cache=layer_cache)
-        return self.head(hidden, gate, residual, final_mod)
+            hidden, gate, residual, mean_sq = layer.step(hidden, gate, residual, mod, layer_cache, mean_sq)
+        return self.head(hidden, gate, residual, final_mod, mean_sq)
 
     def allocate_cache(self, rows: int, state_dtype: Optional[torch.dtype] = None,
                        replay_step: Optional[Tensor] = None) -> list:

@@ -11,8 +11,8 @@ from .elementwise import add_bias, add_bias_ref
 from .group_norm import group_norm, group_norm_ref
 from .norm import (adaln_modulate, adaln_modulate_ref, add_rmsnorm, add_rmsnorm_modulate,
                    add_rmsnorm_modulate_ref, add_rmsnorm_ref, rmsnorm_gated, rmsnorm_gated_ref)
-from .replay import (allocate_replay_history, mamba2_replay_step, mamba2_replay_step_ref, ssd_replay_step,
-                     ssd_replay_step_ref)
+from .replay import (allocate_replay_history, mamba2_replay_step, mamba2_replay_step_gated,
+                     mamba2_replay_step_gated_ref, mamba2_replay_step_ref, ssd_replay_step, ssd_replay_step_ref)
 from .sampling import check_sampling_args, guided_logits, sample_next_token, sample_next_token_ref
 from .ssm import (selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref,
                   ssd_chunk_scan, ssd_chunk_scan_ref)

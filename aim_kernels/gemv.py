@@ -207,33 +207,38 @@ _ext.register_backend(_linear, "triton", device_type="cuda", impl=linear_triton,
 # ---- the block prologue and in_proj in one kernel (decoding) -----------------------------------
 
 def add_rmsnorm_modulate_linear_ref(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
-                                    scale: Tensor, eps: float, x_gate: Optional[Tensor],
-                                    weight: Tensor) -> tuple[Tensor, Tensor]:
-    h, residual_out = add_rmsnorm_modulate_ref(x, residual, norm_weight, shift, scale, eps, x_gate)
+                                    scale: Tensor, eps: float, x_gate: Optional[Tensor], weight: Tensor,
+                                    x_mean_sq: Optional[Tensor] = None, x_eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    h, residual_out = add_rmsnorm_modulate_ref(x, residual, norm_weight, shift, scale, eps, x_gate, x_mean_sq, x_eps)
     return linear_ref(h, weight), residual_out
 
 
 @torch.library.custom_op("aim_kernels::add_rmsnorm_modulate_linear", mutates_args=())
 def _add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
-                                 scale: Tensor, eps: float, x_gate: Optional[Tensor],
-                                 weight: Tensor) -> tuple[Tensor, Tensor]:
-    y, residual_out = add_rmsnorm_modulate_linear_ref(x, residual, norm_weight, shift, scale, eps, x_gate, weight)
+                                 scale: Tensor, eps: float, x_gate: Optional[Tensor], weight: Tensor,
+                                 x_mean_sq: Optional[Tensor] = None, x_eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    y, residual_out = add_rmsnorm_modulate_linear_ref(x, residual, norm_weight, shift, scale, eps, x_gate, weight,
+                                                      x_mean_sq, x_eps)
     return y.contiguous(), residual_out.clone(memory_format=torch.contiguous_format)  # may alias x
 
 
 @_add_rmsnorm_modulate_linear.register_fake
-def _(x, residual, norm_weight, shift, scale, eps, x_gate, weight):
+def _(x, residual, norm_weight, shift, scale, eps, x_gate, weight, x_mean_sq=None, x_eps=0.0):
     wide = torch.promote_types(x.dtype, torch.float32)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape, dtype=wide)
 
 
 def add_rmsnorm_modulate_linear_not_supported_reasons(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor,
                                                       shift: Tensor, scale: Tensor, eps: float,
-                                                      x_gate: Optional[Tensor], weight: Tensor) -> list[str]:
+                                                      x_gate: Optional[Tensor], weight: Tensor,
+                                                      x_mean_sq: Optional[Tensor] = None,
+                                                      x_eps: float = 0.0) -> list[str]:
     """Why the fused Triton kernel cannot run these inputs; empty list: it can."""
     reasons = not_supported_reasons(x, weight)
     if x.dim() == 2 and x.shape[0] > MAX_ROWS:
         reasons.append(f"{x.shape[0]} rows > {MAX_ROWS}: the prologue is fused into the GEMV only")
+    if x_mean_sq is not None:  # deferred norms come from replay-form decoding, at many rows
+        reasons.append("x_mean_sq (a deferred normalisation) is applied by the unfused prologue only")
     reasons += _triton.dtype_reasons(residual=residual, norm_weight=norm_weight, shift=shift, scale=scale,
                                      x_gate=x_gate)
     inputs = (("residual", residual), ("shift", shift), ("scale", scale), ("x_gate", x_gate))
@@ -247,10 +252,11 @@ def add_rmsnorm_modulate_linear_not_supported_reasons(x: Tensor, residual: Optio
 
 
 def _add_rmsnorm_modulate_then_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
-                                      scale: Tensor, eps: float, x_gate: Optional[Tensor],
-                                      weight: Tensor) -> tuple[Tensor, Tensor]:
+                                      scale: Tensor, eps: float, x_gate: Optional[Tensor], weight: Tensor,
+                                      x_mean_sq: Optional[Tensor] = None,
+                                      x_eps: float = 0.0) -> tuple[Tensor, Tensor]:
     """The unfused path on CUDA: the two ops, each on its own fastest backend."""
-    h, residual_out = _add_rmsnorm_modulate(x, residual, norm_weight, shift, scale, eps, x_gate)
+    h, residual_out = _add_rmsnorm_modulate(x, residual, norm_weight, shift, scale, eps, x_gate, x_mean_sq, x_eps)
     return _linear(h, weight), residual_out
 
 
@@ -291,11 +297,12 @@ if triton is not None:
 
 
 def add_rmsnorm_modulate_linear_triton(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
-                                       scale: Tensor, eps: float, x_gate: Optional[Tensor],
-                                       weight: Tensor) -> tuple[Tensor, Tensor]:
+                                       scale: Tensor, eps: float, x_gate: Optional[Tensor], weight: Tensor,
+                                       x_mean_sq: Optional[Tensor] = None,
+                                       x_eps: float = 0.0) -> tuple[Tensor, Tensor]:
     """The Triton path of the op, callable on CPU tensors under TRITON_INTERPRET=1 (for tests)."""
     reasons = add_rmsnorm_modulate_linear_not_supported_reasons(x, residual, norm_weight, shift, scale, eps, x_gate,
-                                                                weight)
+                                                                weight, x_mean_sq, x_eps)
     if reasons:
         raise ValueError("the Triton add_rmsnorm_modulate_linear cannot run these inputs: " + "; ".join(reasons))
     rows, k = x.shape
@@ -334,10 +341,12 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
-                                scale: Tensor, eps: float, x_gate: Optional[Tensor], weight: Tensor) -> tuple[Tensor, Tensor]:
+                                scale: Tensor, eps: float, x_gate: Optional[Tensor], weight: Tensor,
+                                x_mean_sq: Optional[Tensor] = None, x_eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """A decode block's prologue and in_proj: (h @ weight.T, r) for (h, r) = add_rmsnorm_modulate(x, ...).
 
-    x, residual, shift, scale, x_gate (rows, dim); weight (out_features, dim). Decode-only: no autograd.
+    x, residual, shift, scale, x_gate (rows, dim); weight (out_features, dim); x_mean_sq (rows, parts)
+    float32, x_eps: x's deferred normalisation (see aim_kernels.norm). Decode-only: no autograd.
     """
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError("x must be a (rows, dim) tensor")
@@ -348,7 +357,10 @@ def add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weig
             check_tensor(name, t, tuple(x.shape), device=dev)
     check_tensor("norm_weight", norm_weight, (x.shape[1],), device=dev)
     check_tensor("weight", weight, (None, x.shape[1]), device=dev, dtypes=(x.dtype,))
-    return _add_rmsnorm_modulate_linear(x, residual, norm_weight, shift, scale, float(eps), x_gate, weight)
+    if x_mean_sq is not None:
+        check_tensor("x_mean_sq", x_mean_sq, (x.shape[0], None), device=dev, dtypes=(torch.float32, torch.float64))
+    return _add_rmsnorm_modulate_linear(x, residual, norm_weight, shift, scale, float(eps), x_gate, weight,
+                                        x_mean_sq, float(x_eps))
 
 
 __all__ = ["add_rmsnorm_modulate_linear", "add_rmsnorm_modulate_linear_ref", "gemm_config", "linear", "linear_ref",

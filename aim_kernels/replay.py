@@ -34,7 +34,10 @@ official selective_state_update's 127 us (AIM_SPEC section 8).
 `mamba2_replay_step` is the same step from the conv input: the causal conv update (+ SiLU) of
 [x | B | C] runs inside the two kernels below (the weights kernel convolves B and C, the weighted-sum
 kernel its head block's x channels and shifts the windows), one launch per layer fewer than a separate
-causal_conv1d_update.
+causal_conv1d_update. `mamba2_replay_step_gated` also applies the mixer's gate in the weighted-sum
+kernel and defers its RMSNorm (one norm group): it returns u = y * silu(z) * norm_weight and the heads'
+parts of the row's mean square, and the next block's prologue scales out_proj(u) by 1/rms
+(aim_kernels.norm, `x_mean_sq`): the separate gated-norm launch per layer disappears.
 
 Triton backend (CUDA; CPU tensors under TRITON_INTERPRET=1 through `ssd_replay_step_triton`), two
 launches (three with SPLITS > 1), each with programmatic dependent launch (`_triton.pdl_wait`):
@@ -53,7 +56,7 @@ launches (three with SPLITS > 1), each with programmatic dependent launch (`_tri
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +125,27 @@ def mamba2_replay_step_ref(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_wei
     return ssd_replay_step_ref(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
 
 
+def gate_for_deferred_norm_ref(y: Tensor, z: Tensor, norm_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, mean_sq) for y (R, H, P), z (R, H*P), norm_weight (H*P,): u = v * norm_weight in y's dtype with
+    v = y * silu(z), and mean_sq[r, h] = sum_p v[r, h, p]^2 / (H*P) (float32+), so that with one norm
+    group rmsnorm_gated(y, z, norm_weight, eps) = u * rsqrt(mean_sq.sum(-1) + eps) (up to u's rounding)."""
+    cd = compute_dtype(y, z, norm_weight)
+    rows, h, p = y.shape
+    v = y.to(cd) * F.silu(z.to(cd).reshape(rows, h, p))
+    u = (v * norm_weight.to(cd).reshape(h, p)).to(y.dtype)
+    return u.reshape(rows, h * p), v.square().sum(-1) / (h * p)
+
+
+def mamba2_replay_step_gated_ref(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                                 conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                                 hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor, z: Tensor,
+                                 norm_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """`mamba2_replay_step_ref`, then `gate_for_deferred_norm_ref` on its output."""
+    y = mamba2_replay_step_ref(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B, hist_dt,
+                               hist_cum, step)
+    return gate_for_deferred_norm_ref(y, z, norm_weight)
+
+
 # ---- torch.library op --------------------------------------------------------------------------
 
 @torch.library.custom_op("aim_kernels::ssd_replay_step", mutates_args=("hist_x", "hist_B", "hist_dt", "hist_cum"))
@@ -147,6 +171,24 @@ def _mamba2_replay_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight
 @_mamba2_replay_step.register_fake
 def _(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step):
     return xBC.new_empty(xBC.shape[0], *hist_x.shape[2:])
+
+
+@torch.library.custom_op("aim_kernels::mamba2_replay_step_gated",
+                         mutates_args=("conv_state", "hist_x", "hist_B", "hist_dt", "hist_cum"))
+def _mamba2_replay_step_gated(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                              conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                              hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor, z: Tensor,
+                              norm_weight: Tensor) -> tuple[Tensor, Tensor]:
+    u, mean_sq = mamba2_replay_step_gated_ref(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x,
+                                              hist_B, hist_dt, hist_cum, step, z, norm_weight)
+    return u.contiguous(), mean_sq.contiguous()
+
+
+@_mamba2_replay_step_gated.register_fake
+def _(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, z,
+      norm_weight):
+    rows, _, h, p = hist_x.shape
+    return xBC.new_empty(rows, h * p), xBC.new_empty(rows, h, dtype=torch.promote_types(xBC.dtype, torch.float32))
 
 
 # ---- Triton backend ----------------------------------------------------------------------------
@@ -185,12 +227,13 @@ def fused_not_supported_reasons(xBC: Tensor, dt: Tensor, conv_state: Tensor, con
 
 
 def _alloc_outputs(rows: int, nheads: int, headdim: int, max_len: int, splits: int, dtype: torch.dtype,
-                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                   device: torch.device, gated: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y (R, H, P) in x's dtype; float32 scratch: weights (R, T, H), partials (SPLITS, R, H, P) (empty
-    when SPLITS == 1)."""
+    when SPLITS == 1); float32 mean_sq (R, H) of the gated op (empty otherwise)."""
     return (torch.empty(rows, nheads, headdim, dtype=dtype, device=device),
             torch.empty(rows, max_len, nheads, dtype=torch.float32, device=device),
-            torch.empty(splits if splits > 1 else 0, rows, nheads, headdim, dtype=torch.float32, device=device))
+            torch.empty(splits if splits > 1 else 0, rows, nheads, headdim, dtype=torch.float32, device=device),
+            torch.empty(rows if gated else 0, nheads, dtype=torch.float32, device=device))
 
 
 def launch_config(rows: int, nheads: int, headdim: int, max_len: int,
@@ -286,13 +329,18 @@ if triton is not None:
 
     @triton.jit
     def _weighted_sum_kernel(x_ptr, D_ptr, hx_ptr, w_ptr, step_ptr, y_ptr, part_ptr, cs_ptr, cw_ptr, cb_ptr,
+                             z_ptr, nw_ptr, ms_ptr,
                              stride_xr, stride_xh, stride_csr, stride_csc, stride_css, stride_cwc, stride_cwk,
-                             S, T, H, G, S_PER_SPLIT,
+                             stride_zr, S, T, H, G, S_PER_SPLIT,
                              P: tl.constexpr, N: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr,
                              SPLIT: tl.constexpr, CONV: tl.constexpr, W: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-                             BLOCK_STATE: tl.constexpr, PDL: tl.constexpr):
+                             GATED: tl.constexpr, BLOCK_STATE: tl.constexpr, PDL: tl.constexpr):
         """y[r, h] = sum_{s <= t} w[r, s, h] x_s[h] (+ D x_t): (BLOCK_S x HEADS, P) tiles of the x
         history, float32 products accumulated elementwise, reduced once at the end.
+
+        GATED (without SPLIT): y (rounded to its dtype) is gated for a deferred norm instead
+        (`gate_for_deferred_norm_ref`): y_ptr gets u = y * silu(z) * norm_weight and ms_ptr the heads'
+        mean-square parts.
 
         CONV (HEADS divides H): x_ptr is the row's conv input; x_t is this head block's conv + SiLU,
         computed before the loop (the loop then covers s < t), and split 0 appends it at t, shifts the
@@ -337,11 +385,20 @@ if triton is not None:
             w = tl.load(w_ptr + sh, mask=mask, other=0.0)
             xs = tl.load(hx_ptr + sh[:, None] * P + p[None, :], mask=mask[:, None], other=0.0)
             acc += w[:, None] * xs.to(tl.float32)
+        if GATED:  # after the loop (loaded before it, they held the loop back behind a layout barrier) and
+            # before its reduction, which hides their latency
+            z = tl.load(z_ptr + r * stride_zr + hp, mask=hmask, other=0.0).to(tl.float32)
+            norm_w = tl.load(nw_ptr + hp, mask=hmask, other=0.0).to(tl.float32)
         out = tl.sum(tl.reshape(acc, (BLOCK_S, HEADS, P)), axis=0)          # (HEADS, P)
         if k == 0:
             out += coef[:, None] * x_t.to(tl.float32)
         if SPLIT:
             tl.store(part_ptr + (k * tl.num_programs(0) + r) * (H * P) + hp, out, mask=hmask)
+        elif GATED:
+            v = out.to(y_ptr.dtype.element_ty).to(tl.float32)  # rounded as the ungated op's y
+            v = v * z * tl.sigmoid(z)
+            tl.store(y_ptr + r * (H * P) + hp, (v * norm_w).to(y_ptr.dtype.element_ty), mask=hmask)
+            tl.store(ms_ptr + r * H + h, tl.sum(v * v, axis=1) / (H * P), mask=h < H)
         else:
             tl.store(y_ptr + r * (H * P) + hp, out.to(y_ptr.dtype.element_ty), mask=hmask)
         if CONV:
@@ -358,17 +415,20 @@ def _launch(dt: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor, h
             hist_cum: Tensor, step: Tensor, config: Optional[tuple[int, int, int, int]],
             x: Optional[Tensor] = None, B: Optional[Tensor] = None, C: Optional[Tensor] = None,
             xBC: Optional[Tensor] = None, conv_state: Optional[Tensor] = None, conv_weight: Optional[Tensor] = None,
-            conv_bias: Optional[Tensor] = None) -> Tensor:
-    """The two (three) launches, from x, B, C (ssd_replay_step) or from the conv input xBC (mamba2_replay_step)."""
+            conv_bias: Optional[Tensor] = None, z: Optional[Tensor] = None,
+            norm_weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """The two (three) launches, from x, B, C (ssd_replay_step) or from the conv input xBC (mamba2_replay_step);
+    with z and norm_weight, (u, mean_sq) as `gate_for_deferred_norm_ref` (mamba2_replay_step_gated)."""
     rows, T, h, p = hist_x.shape
     g, n = hist_B.shape[2:]
     conv = xBC is not None
     heads, block_s, splits, warps = config or launch_config(rows, h, p, T, hist_x.device)
     if conv and h % heads:
         raise ValueError(f"mamba2_replay_step: the head block ({heads}) must divide the {h} heads")
-    y, w, partials = _alloc_outputs(rows, h, p, T, splits, (xBC if conv else x).dtype, hist_x.device)
+    gated = z is not None
+    y, w, partials, mean_sq = _alloc_outputs(rows, h, p, T, splits, (xBC if conv else x).dtype, hist_x.device, gated)
     if rows == 0:
-        return y
+        return (y.reshape(0, h * p), mean_sq) if gated else y
     A, D, dt_bias = (t.contiguous() for t in (A, D, dt_bias))
     per_group = h // g
     group_pad = triton.next_power_of_2(per_group)
@@ -392,14 +452,18 @@ def _launch(dt: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor, h
         num_warps=8 if group_pad * p >= 4096 and not conv else 4, **launch)
     s_per_split = triton.cdiv(triton.cdiv(T, splits), block_s) * block_s
     _weighted_sum_kernel[(rows, triton.cdiv(h, heads), splits)](
-        x_in, D, hist_x, w, step, y, partials, *conv_args, *xs, *conv_strides, T, h, g, s_per_split,
+        x_in, D, hist_x, w, step, y, partials, *conv_args, z if gated else y, norm_weight if gated else D, mean_sq,
+        *xs, *conv_strides[:-1], z.stride(0) if gated else 0, conv_strides[-1], T, h, g, s_per_split,
         P=p, N=n, HEADS=heads, BLOCK_S=block_s, SPLIT=splits > 1, CONV=conv, W=width,
-        HAS_CONV_BIAS=conv_bias is not None, BLOCK_STATE=block_state, num_warps=warps, **launch)
+        HAS_CONV_BIAS=conv_bias is not None, GATED=gated and splits == 1, BLOCK_STATE=block_state, num_warps=warps,
+        **launch)
     if splits > 1:
         numel = y.numel()
         _triton.sum_splits_kernel[(triton.cdiv(numel, 1024),)](partials, y, numel, SPLITS=splits, BLOCK=1024,
                                                                num_warps=4, **launch)
-    return y
+        if gated:  # rare (few rows): the gate in PyTorch after the split sum
+            return gate_for_deferred_norm_ref(y, z, norm_weight)
+    return (y.reshape(rows, h * p), mean_sq) if gated else y
 
 
 def ssd_replay_step_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
@@ -428,10 +492,40 @@ def mamba2_replay_step_triton(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_
                    conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias)
 
 
+def gated_not_supported_reasons(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                                conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                                hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor, z: Tensor,
+                                norm_weight: Tensor) -> list[str]:
+    """Why the Triton kernels cannot run mamba2_replay_step_gated on these (validated) inputs; empty: they can."""
+    reasons = fused_not_supported_reasons(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B,
+                                          hist_dt, hist_cum, step)
+    reasons += _triton.dtype_reasons(z=z, norm_weight=norm_weight)
+    if z.stride(-1) != 1 or not norm_weight.is_contiguous():
+        reasons.append("z's last dimension or norm_weight is not contiguous")
+    return reasons
+
+
+def mamba2_replay_step_gated_triton(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                                    conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor,
+                                    hist_x: Tensor, hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor,
+                                    z: Tensor, norm_weight: Tensor,
+                                    config: Optional[tuple[int, int, int, int]] = None) -> tuple[Tensor, Tensor]:
+    """The Triton path of mamba2_replay_step_gated (CPU tensors under TRITON_INTERPRET=1 for tests)."""
+    reasons = gated_not_supported_reasons(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B,
+                                          hist_dt, hist_cum, step, z, norm_weight)
+    if reasons:
+        raise ValueError("the Triton mamba2_replay_step_gated cannot run these inputs: " + "; ".join(reasons))
+    return _launch(dt, A, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step, config, xBC=xBC,
+                   conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias, z=z, norm_weight=norm_weight)
+
+
 _ext.register_backend(_ssd_replay_step, "triton", device_type="cuda", impl=ssd_replay_step_triton,
                       not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
 _ext.register_backend(_mamba2_replay_step, "triton", device_type="cuda", impl=mamba2_replay_step_triton,
                       not_supported_reasons=fused_not_supported_reasons,
+                      unavailable_reasons=_triton.unavailable_reasons)
+_ext.register_backend(_mamba2_replay_step_gated, "triton", device_type="cuda", impl=mamba2_replay_step_gated_triton,
+                      not_supported_reasons=gated_not_supported_reasons,
                       unavailable_reasons=_triton.unavailable_reasons)
 
 
@@ -475,6 +569,19 @@ def _check_step_args(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     check_tensor("step", step, (), device=dev, dtypes=(torch.int64,))
 
 
+def _check_conv_step_args(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                          conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                          hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> None:
+    if not isinstance(hist_x, Tensor) or hist_x.dim() != 4 or not isinstance(hist_B, Tensor) or hist_B.dim() != 4:
+        raise ValueError("hist_x must be (rows, T, nheads, headdim) and hist_B (rows, T, ngroups, d_state)")
+    rows, _, h, p = hist_x.shape
+    g, n = hist_B.shape[2:]
+    check_tensor("xBC", xBC, (rows, h * p + 2 * g * n), device=hist_x.device)
+    check_update_args(xBC, conv_state, conv_weight, conv_bias, "silu")
+    x, B, C = _split_xBC(xBC, hist_x, hist_B)
+    _check_step_args(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+
+
 def mamba2_replay_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
                        conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
                        hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor) -> Tensor:
@@ -485,18 +592,33 @@ def mamba2_replay_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight:
     2*G*N, S >= width - 1), updated in place; conv_weight (H*P + 2*G*N, width); conv_bias or None; the
     rest as `ssd_replay_step` (H, P from hist_x; G, N from hist_B). Returns y_t (R, H, P).
     """
-    if not isinstance(hist_x, Tensor) or hist_x.dim() != 4 or not isinstance(hist_B, Tensor) or hist_B.dim() != 4:
-        raise ValueError("hist_x must be (rows, T, nheads, headdim) and hist_B (rows, T, ngroups, d_state)")
-    rows, _, h, p = hist_x.shape
-    g, n = hist_B.shape[2:]
-    check_tensor("xBC", xBC, (rows, h * p + 2 * g * n), device=hist_x.device)
-    check_update_args(xBC, conv_state, conv_weight, conv_bias, "silu")
-    x, B, C = _split_xBC(xBC, hist_x, hist_B)
-    _check_step_args(x, dt, A, B, C, D, dt_bias, hist_x, hist_B, hist_dt, hist_cum, step)
+    _check_conv_step_args(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B, hist_dt,
+                          hist_cum, step)
     return _mamba2_replay_step(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B, hist_dt,
                                hist_cum, step)
 
 
-__all__ = ["allocate_replay_history", "fused_not_supported_reasons", "launch_config", "mamba2_replay_step",
-           "mamba2_replay_step_ref", "mamba2_replay_step_triton", "not_supported_reasons", "ssd_replay_step",
-           "ssd_replay_step_ref", "ssd_replay_step_triton"]
+def mamba2_replay_step_gated(xBC: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                             conv_bias: Optional[Tensor], A: Tensor, D: Tensor, dt_bias: Tensor, hist_x: Tensor,
+                             hist_B: Tensor, hist_dt: Tensor, hist_cum: Tensor, step: Tensor, z: Tensor,
+                             norm_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """`mamba2_replay_step` with the mixer's gate applied and its RMSNorm deferred (one norm group): returns
+    (u, mean_sq) as `gate_for_deferred_norm_ref`, z (R, H*P) the gate (in_proj's first columns),
+    norm_weight (H*P,). out_proj(u) scaled by rsqrt(mean_sq.sum(-1) + eps) per row is out_proj of the
+    normalised output: the next block's prologue applies it (`x_mean_sq` of aim_kernels.norm), so
+    decoding needs no separate norm kernel.
+    """
+    _check_conv_step_args(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B, hist_dt,
+                          hist_cum, step)
+    rows, _, h, p = hist_x.shape
+    check_tensor("z", z, (rows, h * p), device=hist_x.device, dtypes=(xBC.dtype,))
+    check_tensor("norm_weight", norm_weight, (h * p,), device=hist_x.device)
+    return _mamba2_replay_step_gated(xBC, dt, conv_state, conv_weight, conv_bias, A, D, dt_bias, hist_x, hist_B,
+                                     hist_dt, hist_cum, step, z, norm_weight)
+
+
+__all__ = ["allocate_replay_history", "fused_not_supported_reasons", "gate_for_deferred_norm_ref",
+           "gated_not_supported_reasons", "launch_config", "mamba2_replay_step", "mamba2_replay_step_gated",
+           "mamba2_replay_step_gated_ref", "mamba2_replay_step_gated_triton", "mamba2_replay_step_ref",
+           "mamba2_replay_step_triton", "not_supported_reasons", "ssd_replay_step", "ssd_replay_step_ref",
+           "ssd_replay_step_triton"]

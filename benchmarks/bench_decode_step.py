@@ -3,8 +3,9 @@ the out_proj input, in the two forms generation chooses between (aim/generation.
 
 - state: `mamba2_decode_step` (conv update + SSM state update + gated RMSNorm). Bytes: the fp32 SSM
   state read and written, plus the step's inputs and outputs.
-- replay at step t: what aim/model.py runs in that form: `mamba2_replay_step` (the conv update and
-  the SSD form over this sequence's t earlier entries: two Triton kernels) and rmsnorm_gated. Bytes:
+- replay at step t: what aim/model.py runs in that form: `mamba2_replay_step_gated` (the conv update,
+  the SSD form over this sequence's t earlier entries and the gate: two Triton kernels; the gated
+  RMSNorm is deferred to the next block's prologue, which reads its per-head parts). Bytes:
   the t history entries read (x, B in the model dtype; dt, cum in float32), plus the step's inputs,
   appends and outputs. t = 128 is the mean over AiM's 256 steps.
 
@@ -61,9 +62,8 @@ def run_state(s, h):
 def run_replay(s, h):
     d_inner = h * P
     z, xBC, dt = s["zxbcdt"].split([d_inner, d_inner + 2 * N, h], -1)
-    y = ak.mamba2_replay_step(xBC, dt, s["conv_state"], s["conv_weight"], s["conv_bias"], s["A"], s["D"],
-                              s["dt_bias"], *s["hist"], s["step"])
-    return ak.rmsnorm_gated(y.flatten(-2), z, s["norm_weight"], 1e-5, d_inner)
+    return ak.mamba2_replay_step_gated(xBC, dt, s["conv_state"], s["conv_weight"], s["conv_bias"], s["A"], s["D"],
+                                       s["dt_bias"], *s["hist"], s["step"], z, s["norm_weight"])
 
 
 def step_bytes(h: int, es: int, form: str, t: int) -> int:

@@ -20,7 +20,7 @@ from triton.compiler import ASTSource
 from aim_kernels import decode, gemv, norm, replay
 
 TARGET = GPUTarget("cuda", 90, 32)
-POINTERS = ("X", "R", "W", "SHIFT", "SCALE", "GATE", "OUT", "ROUT")  # norm.py's pointer names
+POINTERS = ("X", "R", "W", "SHIFT", "SCALE", "GATE", "MS", "OUT", "ROUT")  # norm.py's pointer names
 DIVISIBLE = ("K", "D_INNER", "N_OUT", "dim")  # d_model or d_inner (in_proj's N = 3352 is not a multiple of 16)
 
 
@@ -90,8 +90,9 @@ def main() -> None:
         "GEMV (lm_head, unfused projections)": (gemv._gemv_kernel, {}, dict(rows, BLOCK_N=bn_in, BLOCK_K=bk_in)),
         "gated norm (unfused)": (decode._norm_shift_kernel, {"v_ptr": fp32, "sumsq_ptr": fp32},
                                  dict(N=128, BLOCK_D=4096, BLOCK_PARTS=256, BLOCK_S=4, PDL=True)),
-        "block prologue (unfused)": (norm._add_rmsnorm_modulate_kernel, {"R": fp32, "ROUT": fp32},
-                                     dict(HAS_RESIDUAL=True, HAS_MOD=True, HAS_GATE=True, BLOCK=2048, PDL=True)),
+        "block prologue (unfused)": (norm._add_rmsnorm_modulate_kernel, {"R": fp32, "ROUT": fp32, "MS": fp32},
+                                     dict(HAS_RESIDUAL=True, HAS_MOD=True, HAS_GATE=True, HAS_MS=True, BLOCK=2048,
+                                          BLOCK_MS=32, PDL=True)),
         "replay weights (batch 64)": (replay._weights_kernel, {"A_ptr": fp32, "hdt_ptr": fp32, "hcum_ptr": fp32,
                                                                "w_ptr": fp32, "step_ptr": "*i64"},
                                       dict(P=64, N=128, GROUP_PAD=32, BLOCK_S=replay.WEIGHTS_BLOCK_S, CONV=True, W=4,
@@ -99,7 +100,7 @@ def main() -> None:
         "replay weighted sum (batch 64)": (replay._weighted_sum_kernel, {"w_ptr": fp32, "part_ptr": fp32,
                                                                          "step_ptr": "*i64"},
                                            dict(P=64, N=128, HEADS=8, BLOCK_S=16, SPLIT=False, CONV=True, W=4,
-                                                HAS_CONV_BIAS=True, BLOCK_STATE=4, PDL=True)),
+                                                HAS_CONV_BIAS=True, GATED=True, BLOCK_STATE=4, PDL=True)),
     }
     for name, (fn, pointers, consts) in kernels.items():
         kernel = compile_sm90(fn, pointers, consts)

@@ -216,3 +216,21 @@ def test_prologue_cuda(rows, k, n, fused, dtype, monkeypatch):
     expect = "triton" if fused else "reference"
     assert _ext.backend_for(gemv._add_rmsnorm_modulate_linear, *args.values()) == expect
     check_prologue(args, *ak.add_rmsnorm_modulate_linear(*args.values()), TOL[dtype])
+
+
+def test_prologue_linear_with_deferred_norm():
+    """x_mean_sq (the previous mixer's deferred norm) reaches the unfused prologue; the fused kernel declines it."""
+    f64 = dict(dtype=torch.float64)
+    x, res, norm_w = torch.randn(4, 16, **f64), torch.randn(4, 16, **f64), torch.randn(16, **f64)
+    shift, scale, gate = (torch.randn(4, 16, **f64) for _ in range(3))
+    weight, mean_sq = torch.randn(10, 16, **f64), torch.rand(4, 3, **f64)
+    y, r = ak.add_rmsnorm_modulate_linear(x, res, norm_w, shift, scale, 1e-5, gate, weight, mean_sq, 1e-3)
+    scaled = x * torch.rsqrt(mean_sq.sum(-1, keepdim=True) + 1e-3)
+    y_ref, r_ref = ak.add_rmsnorm_modulate_linear(scaled, res, norm_w, shift, scale, 1e-5, gate, weight)
+    assert torch.allclose(y, y_ref, rtol=1e-13, atol=1e-13) and torch.allclose(r, r_ref, rtol=1e-13, atol=1e-13)
+    torch.library.opcheck(torch.ops.aim_kernels.add_rmsnorm_modulate_linear.default,
+                          (x, res, norm_w, shift, scale, 1e-5, gate, weight, mean_sq, 1e-3))
+    reasons = gemv.add_rmsnorm_modulate_linear_not_supported_reasons(x.float(), res.float(), norm_w.float(),
+                                                                     shift.float(), scale.float(), 1e-5, gate.float(),
+                                                                     weight.float(), mean_sq.float(), 1e-3)
+    assert any("x_mean_sq" in r for r in reasons)

@@ -482,3 +482,86 @@ def test_fused_triton_gpu_steps(rows, h, dtype, monkeypatch):
     """AiM's layer shapes (P 64, N 128, width 4), 40 steps, the launch configs of small and large R."""
     poisoned_outputs(monkeypatch)
     check_fused_steps(fused_case(rows, 40, h, 64, 1, 128), dtype, 64, "cuda")
+
+
+# ---- mamba2_replay_step_gated: the mixer's gate applied, its RMSNorm deferred --------------------------
+
+def test_gated_reference_is_the_gated_norm():
+    """u * rsqrt(mean_sq.sum(-1) + eps) is rmsnorm_gated(y, z, norm_weight) with one norm group."""
+    from aim_kernels.norm import rmsnorm_gated_ref
+    rows, h, p = 3, 4, 8
+    y, z, w = torch.randn(rows, h, p, dtype=F64), torch.randn(rows, h * p, dtype=F64), torch.randn(h * p, dtype=F64)
+    u, mean_sq = replay.gate_for_deferred_norm_ref(y, z, w)
+    assert u.shape == (rows, h * p) and mean_sq.shape == (rows, h)
+    normed = u * torch.rsqrt(mean_sq.sum(-1, keepdim=True) + 1e-5)
+    assert rel_err(normed, rmsnorm_gated_ref(y.flatten(1), z, w, 1e-5, h * p)) < 1e-14
+
+
+def gated_args(seq, conv_state, hist, t, zs, norm_weight):
+    return (*fused_args(seq, conv_state, hist, t), zs[:, t], norm_weight)
+
+
+def test_gated_opcheck_and_validation():
+    seq = conv_sequence(3, 4, 4, 4, 2, 8)
+    hist = histories({"x": torch.empty(3, 4, 4, 4), "B": torch.empty(3, 4, 2, 8)}, 6, F64, stale=False)
+    zs, norm_weight = torch.randn(3, 4, 16, dtype=F64), torch.randn(16, dtype=F64)
+    args = gated_args(seq, seq["conv_state"].clone(), hist, 0, zs, norm_weight)
+    torch.library.opcheck(replay._mamba2_replay_step_gated, args)
+    with pytest.raises(ValueError, match=r"z must have shape \(3, 16\)"):
+        replay.mamba2_replay_step_gated(*args[:-2], zs[:, 0, :8], norm_weight)
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \(16\)"):
+        replay.mamba2_replay_step_gated(*args[:-1], norm_weight[:4])
+    with pytest.raises(ValueError, match=r"xBC must have shape \(3, 48\)"):
+        replay.mamba2_replay_step_gated(args[0][:, :-1], *args[1:])
+
+
+def check_gated_steps(seq, dtype, max_len, device, config=None):
+    """The gated op over the sequence against the float64 reference of the same dtype-rounded inputs, with y
+    rounded to dtype before the gate as the kernel rounds it: u and mean_sq every step."""
+    seq_in = {k: v.to(device, torch.float32 if k == "A" else dtype) if isinstance(v, torch.Tensor) else v
+              for k, v in seq.items()}
+    seq_ref = {k: v.double().cpu() if isinstance(v, torch.Tensor) else v for k, v in seq_in.items()}
+    rows, T, _ = seq["xBC"].shape
+    h, p = seq["hp"]
+    g = torch.Generator().manual_seed(1)
+    zs = torch.randn(rows, T, h * p, generator=g).to(device, dtype)
+    norm_weight = (1 + 0.1 * torch.randn(h * p, generator=g)).to(device, dtype)
+    shapes = {"x": torch.empty(rows, T, h, p), "B": torch.empty(rows, T, *seq["gn"])}
+    hist = histories(shapes, max_len, dtype, device=device)
+    hist_ref = [t.double().cpu() for t in hist]
+    conv_state, conv_ref = seq_in["conv_state"].clone(), seq_ref["conv_state"].clone()
+    if device == "cpu":
+        fn = lambda *a: replay.mamba2_replay_step_gated_triton(*a, config=config)  # noqa: E731
+    else:
+        args = gated_args(seq_in, conv_state, hist, 0, zs, norm_weight)
+        assert replay.gated_not_supported_reasons(*args) == []
+        assert _ext.backend_for(replay._mamba2_replay_step_gated, *args) == "triton"
+        fn = replay.mamba2_replay_step_gated
+    ref = rounded_conv_ref(dtype)
+    for t in range(T):
+        u, mean_sq = fn(*gated_args(seq_in, conv_state, hist, t, zs, norm_weight))
+        y_ref = ref(*fused_args(seq_ref, conv_ref, hist_ref, t)).to(dtype).double()
+        u_ref, ms_ref = replay.gate_for_deferred_norm_ref(y_ref, zs[:, t].cpu().double(), norm_weight.cpu().double())
+        assert u.dtype == dtype and mean_sq.dtype == torch.float32 and not u.isnan().any()
+        assert rel_err(u, u_ref) < TOL[dtype], t
+        assert rel_err(mean_sq, ms_ref) < 1e-5, t
+    assert torch.equal(conv_state.cpu().double(), conv_ref)
+
+
+@pytest.mark.parametrize("case", FUSED_CASES[:3], ids=lambda c: "-".join(map(str, c)))
+def test_gated_triton_interpreter(case, monkeypatch):
+    needs_interpreter()
+    rows, T, h, p, g, n, extra, width, state_len, bias, dtype, config, block = case
+    poisoned_outputs(monkeypatch)
+    monkeypatch.setattr(replay, "WEIGHTS_BLOCK_S", block)
+    check_gated_steps(fused_case(rows, T, h, p, g, n, width, state_len, bias), dtype, T + extra, "cpu", config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,h,dtype", [(2, 48, torch.float32), (32, 24, torch.bfloat16),
+                                          (128, 48, torch.bfloat16)],
+                         ids=["2x48-fp32", "32x24-bf16", "aim_shapes_128x48-bf16"])
+def test_gated_triton_gpu_steps(rows, h, dtype, monkeypatch):
+    """AiM's layer shapes (P 64, N 128, width 4), 40 steps; 2 rows split the history (the gate after the sum)."""
+    poisoned_outputs(monkeypatch)
+    check_gated_steps(fused_case(rows, 40, h, 64, 1, 128), dtype, 64, "cuda")
