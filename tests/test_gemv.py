@@ -228,6 +228,11 @@ def test_prologue_linear_with_deferred_norm():
     scaled = x * torch.rsqrt(mean_sq.sum(-1, keepdim=True) + 1e-3)
     y_ref, r_ref = ak.add_rmsnorm_modulate_linear(scaled, res, norm_w, shift, scale, 1e-5, gate, weight)
     assert torch.allclose(y, y_ref, rtol=1e-13, atol=1e-13) and torch.allclose(r, r_ref, rtol=1e-13, atol=1e-13)
+    # the unfused path the CUDA dispatch falls back to (the ops inside it dispatch by device)
+    y_unfused, r_unfused = gemv._add_rmsnorm_modulate_then_linear(x, res, norm_w, shift, scale, 1e-5, gate, weight,
+                                                                  mean_sq, 1e-3)
+    assert torch.allclose(y_unfused, y_ref, rtol=1e-13, atol=1e-13) and torch.allclose(r_unfused, r_ref, rtol=1e-13,
+                                                                                        atol=1e-13)
     torch.library.opcheck(torch.ops.aim_kernels.add_rmsnorm_modulate_linear.default,
                           (x, res, norm_w, shift, scale, 1e-5, gate, weight, mean_sq, 1e-3))
     reasons = gemv.add_rmsnorm_modulate_linear_not_supported_reasons(x.float(), res.float(), norm_w.float(),
