@@ -41,4 +41,3 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict, what: str, assig
             parts.append(_listing("mis-shaped keys", misshaped))
         raise ValueError("\n".join(parts))
     module.load_state_dict(state_dict, strict=True, assign=assign)
-

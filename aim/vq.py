@@ -155,6 +155,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # folded per call, not cached: a captured decode graph then follows in-place weight updates
+        # (a few small kernels against a multi-millisecond decode)
         weight = upsample_conv_weight(self.conv.weight)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             weight = weight.contiguous(memory_format=torch.channels_last)

@@ -98,6 +98,7 @@ if _triton.triton is not None:
             y += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
+
 def _tile(cols: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C) for a (rows, cols) pass: a whole row when it fits, TILE_ELEMS elements in all."""
     block_c = min(_triton.triton.next_power_of_2(cols), TILE_ELEMS)
