@@ -172,6 +172,7 @@ def poisoned_outputs(monkeypatch):
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+MEAN_SQ_TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-4, torch.float16: 1e-4}
 
 
 def check_triton_steps(seq, dtype, max_len, device, config=None, steps=None):
@@ -544,7 +545,9 @@ def check_gated_steps(seq, dtype, max_len, device, config=None):
         u_ref, ms_ref = replay.gate_for_deferred_norm_ref(y_ref, zs[:, t].cpu().double(), norm_weight.cpu().double())
         assert u.dtype == dtype and mean_sq.dtype == torch.float32 and not u.isnan().any()
         assert rel_err(u, u_ref) < TOL[dtype], t
-        assert rel_err(mean_sq, ms_ref) < 1e-5, t
+        # y rounds to dtype in both, but a last-bit difference before rounding can flip one element by an ulp:
+        # in bf16 that moves a head's mean square by ~1e-4 (H100: up to 4.5e-5 seen), far below u's own error
+        assert rel_err(mean_sq, ms_ref) < MEAN_SQ_TOL[dtype], t
     assert torch.equal(conv_state.cpu().double(), conv_ref)
 
 
