@@ -303,14 +303,17 @@ if triton is not None:
             # s < t from the histories; s = t from the inputs (no entry written in this launch is read)
             past = (s < t) & (s < T)
             hB_row = hB_ptr + r * T * G * N + g * N
-            Bs = tl.load(hB_row + s[:, None] * (G * N) + n[None, :], mask=past[:, None], other=0.0)
-            Bs = tl.where((s == t)[:, None], B_t[None, :], Bs).to(tl.float32)
             sh = row_ht + s[:, None] * H + h[None, :]
             pmask = past[:, None] & hmask[None, :]
+            # every history load before the first barrier (B_t's broadcast below, the scores' reduction):
+            # a load after one is another round trip
+            Bs = tl.load(hB_row + s[:, None] * (G * N) + n[None, :], mask=past[:, None], other=0.0)
+            cum_s = tl.load(hcum_ptr + sh, mask=pmask, other=0.0)
+            dt_s = tl.load(hdt_ptr + sh, mask=pmask, other=0.0)
             now = (s == t)[:, None]
-            # loaded before the scores' reduction (after its barrier they would be another round trip)
-            cum_s = tl.where(now, cum_t[None, :], tl.load(hcum_ptr + sh, mask=pmask, other=0.0))
-            dt_s = tl.where(now, dt[None, :], tl.load(hdt_ptr + sh, mask=pmask, other=0.0))
+            Bs = tl.where(now, B_t[None, :], Bs).to(tl.float32)
+            cum_s = tl.where(now, cum_t[None, :], cum_s)
+            dt_s = tl.where(now, dt[None, :], dt_s)
             scores = tl.sum(Bs * C[None, :], axis=1)                              # (BLOCK_S,)
             used = (past[:, None] | now) & hmask[None, :]
             w = scores[:, None] * tl.exp(tl.where(used, cum_t[None, :] - cum_s, float("-inf"))) * dt_s
