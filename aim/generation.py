@@ -33,10 +33,36 @@ STEPS_PER_GRAPH = 16
 
 
 def replay_form(model, rows: int, state_dtype: torch.dtype, decode_form: str = "auto") -> bool:
-    """Whether the Mamba2 layers decode in replay form (fewer bytes at many rows; float32 state only)."""
+    """Whether the Mamba2 layers decode in replay form (fewer bytes at many rows; float32 state only;
+    "auto" also needs its history to fit in the device's free memory, else the state form runs)."""
     if decode_form == "auto":
-        return model.config.layer == "Mamba2" and rows >= REPLAY_MIN_ROWS and state_dtype == torch.float32
+        return (model.config.layer == "Mamba2" and rows >= REPLAY_MIN_ROWS and state_dtype == torch.float32
+                and replay_history_fits(model, rows))
     return decode_form == "replay"
+
+
+def replay_history_bytes(model, rows: int) -> int:
+    """The replay form's history over all layers (`aim_kernels.allocate_replay_history`): per row and
+    step, x and B in the model dtype, dt and its running sum in float32 (float64 models: float64)."""
+    m = model.backbone.layers[0].mixer
+    stat = torch.promote_types(model.dtype, torch.float32).itemsize
+    per_entry = (m.nheads * m.headdim + m.ngroups * m.d_state) * model.dtype.itemsize + 2 * m.nheads * stat
+    return len(model.backbone.layers) * rows * model.config.num_tokens * per_entry
+
+
+def free_device_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on a CUDA device (what the caching allocator holds unused counts as free); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def replay_history_fits(model, rows: int) -> bool:
+    """Whether the replay history fits with room to spare (10% and 1 GiB for activations and graphs): at
+    batch 256 AiM-XL's float32 history takes 83 GB, more than an 80 GB H100 has."""
+    free = free_device_bytes(model.device)
+    return free is None or replay_history_bytes(model, rows) <= 0.9 * free - 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -148,7 +174,8 @@ def generate_tokens(model, labels, cfg_scale: float = 1.5, temperature: float = 
     decode_positions: "official" (default, what the released checkpoints were evaluated with) or "train".
     state_dtype: SSM state dtype of the recurrent form (default float32; float64 for float64 models).
     decode_form: "state" (recurrent SSM state), "replay" (the SSD form over this sequence's inputs,
-        Mamba2 only) or "auto": replay from REPLAY_MIN_ROWS rows on with a float32 state, else state.
+        Mamba2 only) or "auto": replay from REPLAY_MIN_ROWS rows on with a float32 state when its
+        history fits in free device memory (`replay_history_fits`), else state.
     cuda_graph: on CUDA, replay graphs captured on the first call with these settings (sampling
         only; teacher forcing and return_logits run eagerly).
     """

@@ -123,6 +123,22 @@ def test_decode_forms_sample_the_same_tokens():
     assert torch.equal(*runs)
 
 
+def test_auto_decode_form_falls_back_when_the_replay_history_does_not_fit(monkeypatch):
+    """replay_history_bytes is what the replay cache allocates; "auto" takes the state form when that
+    history would not fit in the device's free memory (AiM-XL fp32 at batch 256 on an 80 GB H100)."""
+    from aim import generation
+    model = small_model().float()
+    rows = generation.REPLAY_MIN_ROWS
+    cache = model.allocate_cache(rows, replay_step=torch.zeros((), dtype=torch.long))
+    history = sum(t.nbytes for layer in cache for t in (layer.hist_x, layer.hist_B, layer.hist_dt, layer.hist_cum))
+    assert generation.replay_history_bytes(model, rows) == history
+    for free, replay in ((None, True), (10 * history + 2 ** 31, True), (history, False)):
+        monkeypatch.setattr(generation, "free_device_bytes", lambda device, free=free: free)
+        assert generation.replay_form(model, rows, torch.float32) is replay
+        assert generation.replay_form(model, rows, torch.float32, "replay")  # an explicit form is kept
+    assert not generation.replay_form(model, rows - 1, torch.float32)
+
+
 def test_generation_respects_top_k():
     """Every sampled token is among the top-k guided logits of its step (teacher-forced replay)."""
     model = small_model()
