@@ -230,9 +230,10 @@ def decode_step_section(gpu: str, rows: list[dict]) -> list[str]:
              _run_header(rows) +
              "One Mamba2 layer, batch 64 with CFG (128 rows), from the in_proj output to the out_proj input. "
              "state: `mamba2_decode_step` (bytes: the fp32 SSM state read and written + the step's I/O); replay at "
-             "step t: conv update + SSD replay + gated RMSNorm, as the model runs it (`mamba2_replay_step` + "
-             "`rmsnorm_gated` since 2026-11-27; before, a separate conv update and `ssd_replay_step`) (bytes: t history "
-             "entries read + the step's I/O). Device time per call (CUDA-graph replay, median).", "",
+             "step t: conv update + SSD replay + gate, as the model runs it at the run's git (since git 48f272d "
+             "`mamba2_replay_step_gated`, whose RMSNorm the next block's prologue applies; before it "
+             "`mamba2_replay_step` + `rmsnorm_gated`; earlier, a separate conv update and `ssd_replay_step`) (bytes: t "
+             "history entries read + the step's I/O). Device time per call (CUDA-graph replay, median).", "",
              "| model | weights | form | t | us | GB/s | % copy (measured) | % of 4.25 TB/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["case"] == "step"):
