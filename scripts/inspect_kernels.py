@@ -97,11 +97,13 @@ def main() -> None:
                                                                "w_ptr": fp32, "step_ptr": "*i64"},
                                       dict(P=64, N=128, GROUP_PAD=32, BLOCK_S=replay.WEIGHTS_BLOCK_S, CONV=True, W=4,
                                            HAS_CONV_BIAS=True, PDL=True)),
-        "replay weighted sum (batch 64)": (replay._weighted_sum_kernel, {"w_ptr": fp32, "part_ptr": fp32,
-                                                                         "step_ptr": "*i64"},
-                                           dict(P=64, N=128, HEADS=8, BLOCK_S=16, SPLIT=False, CONV=True, W=4,
-                                                HAS_CONV_BIAS=True, GATED=True, BLOCK_STATE=4, PDL=True)),
     }
+    # the weighted sum at batch 64 with AiM-B/L's and AiM-XL's head blocks (launch_config: 8 and 16 heads)
+    for model, heads in (("AiM-B", 8), ("AiM-XL", 16)):
+        kernels[f"replay weighted sum (b64, {model})"] = (
+            replay._weighted_sum_kernel, {"w_ptr": fp32, "part_ptr": fp32, "ms_ptr": fp32, "step_ptr": "*i64"},
+            dict(P=64, N=128, HEADS=heads, BLOCK_S=8192 // (heads * 64), SPLIT=False, CONV=True, W=4,
+                 HAS_CONV_BIAS=True, GATED=True, BLOCK_STATE=4, PDL=True))
     for name, (fn, pointers, consts) in kernels.items():
         kernel = compile_sm90(fn, pointers, consts)
         print(f"{name:38s} {registers(kernel):18s} {memory_order(kernel)}", flush=True)
