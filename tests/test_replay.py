@@ -470,13 +470,16 @@ FUSED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("op", ["fused", "gated"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_fused_triton_interpreter(case, monkeypatch):
+def test_fused_triton_interpreter(case, op, monkeypatch):
+    """mamba2_replay_step and mamba2_replay_step_gated (gate applied, norm deferred) under the interpreter."""
     needs_interpreter()
     rows, T, h, p, g, n, extra, width, state_len, bias, dtype, config, block = case
     poisoned_outputs(monkeypatch)
     monkeypatch.setattr(replay, "WEIGHTS_BLOCK_S", block)
-    check_fused_steps(fused_case(rows, T, h, p, g, n, width, state_len, bias), dtype, T + extra, "cpu", config)
+    check = check_fused_steps if op == "fused" else check_gated_steps
+    check(fused_case(rows, T, h, p, g, n, width, state_len, bias), dtype, T + extra, "cpu", config)
 
 
 @pytest.mark.gpu
@@ -551,15 +554,6 @@ def check_gated_steps(seq, dtype, max_len, device, config=None):
         assert rel_err(u, u_ref) < TOL[dtype], t
         assert rel_err(mean_sq, ms_ref) < MEAN_SQ_TOL[dtype], t
     assert torch.equal(conv_state.cpu().double(), conv_ref)
-
-
-@pytest.mark.parametrize("case", FUSED_CASES[:3], ids=lambda c: "-".join(map(str, c)))
-def test_gated_triton_interpreter(case, monkeypatch):
-    needs_interpreter()
-    rows, T, h, p, g, n, extra, width, state_len, bias, dtype, config, block = case
-    poisoned_outputs(monkeypatch)
-    monkeypatch.setattr(replay, "WEIGHTS_BLOCK_S", block)
-    check_gated_steps(fused_case(rows, T, h, p, g, n, width, state_len, bias), dtype, T + extra, "cpu", config)
 
 
 @pytest.mark.gpu
