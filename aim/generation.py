@@ -29,6 +29,10 @@ DECODE_FORMS = ("auto", "state", "replay")
 # and writing the fp32 state (aim_kernels/replay.py). Below it launches dominate and the fused
 # state-form step is faster (H200, AiM-XL per layer: 14 us vs 36 us at 32 rows, 9 us vs 6.5 us at 2).
 REPLAY_MIN_ROWS = 32
+# From this many rows on, each step runs as two half-batches, on CUDA on two streams: one half's kernels
+# fill the other's latency-bound stretches (at 128 rows ~14 us of the replay op's ~34 us per layer do not
+# depend on the bytes it moves: launches, the step's load, reductions, tails).
+ROW_STREAMS_MIN_ROWS = 32
 STEPS_PER_GRAPH = 16
 
 
@@ -65,6 +69,12 @@ def replay_history_fits(model, rows: int) -> bool:
     return free is None or replay_history_bytes(model, rows) <= 0.9 * free - 2 ** 30
 
 
+def cache_rows(cache: list, rows: slice) -> list:
+    """Views of rows `rows` of every layer's decode cache (A and the step counter are shared): a step
+    over those rows updates the whole cache in place."""
+    return [type(c)(*(t if name in ("A", "step") else t[rows] for name, t in zip(c._fields, c))) for c in cache]
+
+
 @dataclass(frozen=True)
 class Settings:
     cfg_scale: float
@@ -96,6 +106,10 @@ class Decoding:
         self.step = torch.zeros((), dtype=torch.long, device=labels.device)
         self.cache = model.allocate_cache(self.num_rows, s.state_dtype,
                                           replay_step=self.step if s.replay_form(model, self.num_rows) else None)
+        half = self.num_rows // 2 if self.num_rows >= ROW_STREAMS_MIN_ROWS else 0
+        self.halves = (slice(0, half), slice(half, None)) if half else ()
+        self.half_caches = [cache_rows(self.cache, rows) for rows in self.halves]
+        self.side_stream = torch.cuda.Stream(labels.device) if half and labels.device.type == "cuda" else None
         self.tokens = torch.zeros(batch, c.num_tokens, dtype=torch.long, device=labels.device)
         self.logits = (torch.empty(batch, c.num_tokens, c.vocab_size, device=labels.device,
                                    dtype=torch.promote_types(model.dtype, torch.float32)) if return_logits else None)
@@ -118,7 +132,8 @@ class Decoding:
         emb = model.backbone.embeddings
         hidden = ak.embed_step(self.cond, emb.word_embeddings.weight, emb.position_embeddings.weight, self.tokens, k,
                                position_offset=0 if s.decode_positions == "official" else 1)
-        logits = model.step(hidden, self.cache, self.mods, self.final_mod)
+        logits = self._step_in_halves(hidden) if self.halves else model.step(hidden, self.cache, self.mods,
+                                                                             self.final_mod)
         if self.logits is not None:
             self.logits.index_copy_(1, at, ak.guided_logits(logits, s.guidance)[:, None])
         if self.forced_tokens is not None:
@@ -126,6 +141,24 @@ class Decoding:
         else:
             token = ak.sample_next_token(logits, s.guidance, s.temperature, s.top_k, s.top_p, uniform=uniform)
         ak.record_token(token, self.tokens, self.step)
+
+    def _step_in_halves(self, hidden: Tensor) -> Tensor:
+        """model.step over the two row halves; on CUDA the second on a side stream, so both run at once."""
+        def half(i: int) -> Tensor:
+            rows = self.halves[i]
+            return self.model.step(hidden[rows], self.half_caches[i], [m[rows] for m in self.mods],
+                                   self.final_mod[rows])
+
+        side = self.side_stream
+        if side is None:
+            return torch.cat([half(0), half(1)])
+        main = torch.cuda.current_stream(hidden.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            second = half(1)
+        first = half(0)
+        main.wait_stream(side)  # later steps' side-stream work also waits for main: no cross-stream reuse races
+        return torch.cat([first, second])
 
 
 class DecodeGraph:

@@ -64,6 +64,23 @@ def test_graph_replay_equals_eager(dtype, batch):
     assert (eager == graphed).double().mean().item() > 0.99  # same kernels; allow a rare near-tie flip
 
 
+def test_steps_in_row_halves_on_two_streams_match_one_stream(monkeypatch):
+    """34 rows: each step as two 17-row halves on two CUDA streams gives the logits of the whole-batch step
+    (teacher-forced, eager) and, graphed, the tokens of the eager run."""
+    from aim import generation
+    model = aim_b_layers(3).to("cuda", torch.float32)
+    labels = torch.arange(17, device="cuda")
+    tokens = torch.randint(model.config.vocab_size, (17, model.config.num_tokens), device="cuda")
+
+    def logits():
+        return model.generate_tokens(labels, cfg_scale=2.0, forced_tokens=tokens, return_logits=True)[1]
+
+    two_streams = logits()
+    monkeypatch.setattr(generation, "ROW_STREAMS_MIN_ROWS", 10 ** 9)
+    one_stream = logits()
+    assert rel_err(two_streams, one_stream) < 1e-5
+
+
 def test_graph_is_recaptured_when_weights_move():
     model = aim_b_layers(2).cuda()
     labels = torch.tensor([0], device="cuda")

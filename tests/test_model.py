@@ -139,6 +139,29 @@ def test_auto_decode_form_falls_back_when_the_replay_history_does_not_fit(monkey
     assert not generation.replay_form(model, rows - 1, torch.float32)
 
 
+@pytest.mark.parametrize("form,cfg_scale,batch", [("state", 2.0, 3), ("replay", 2.0, 3), ("replay", 1.0, 5)])
+def test_steps_in_row_halves_decode_the_same(monkeypatch, form, cfg_scale, batch):
+    """Each step as two half-batches (on CUDA, two streams) updates the shared cache as the whole batch does:
+    the same tokens and teacher-forced logits, odd row counts included."""
+    from aim import generation
+    model = small_model()
+    labels = torch.arange(batch) % 5
+    forced = torch.randint(64, (batch, 9), generator=torch.Generator().manual_seed(2))
+
+    def run():
+        tokens = model.generate_tokens(labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(4),
+                                       decode_form=form)
+        _, logits = model.generate_tokens(labels, cfg_scale=cfg_scale, forced_tokens=forced, return_logits=True,
+                                          decode_form=form)
+        return tokens, logits
+
+    whole = run()
+    monkeypatch.setattr(generation, "ROW_STREAMS_MIN_ROWS", 2)
+    halves = run()
+    assert torch.equal(whole[0], halves[0])
+    assert torch.allclose(whole[1], halves[1], rtol=1e-12, atol=1e-12)
+
+
 def test_generation_respects_top_k():
     """Every sampled token is among the top-k guided logits of its step (teacher-forced replay)."""
     model = small_model()
