@@ -29,9 +29,10 @@ DECODE_FORMS = ("auto", "state", "replay")
 # and writing the fp32 state (aim_kernels/replay.py). Below it launches dominate and the fused
 # state-form step is faster (H200, AiM-XL per layer: 14 us vs 36 us at 32 rows, 9 us vs 6.5 us at 2).
 REPLAY_MIN_ROWS = 32
-# From this many rows on, each step runs as two half-batches, on CUDA on two streams: one half's kernels
-# fill the other's latency-bound stretches (at 128 rows ~14 us of the replay op's ~34 us per layer do not
-# depend on the bytes it moves: launches, the step's load, reductions, tails).
+# From ROW_STREAMS_MIN_ROWS rows on, each step runs as ROW_STREAMS row blocks, on CUDA each on its own
+# stream: one block's kernels fill the others' latency-bound stretches (at 128 rows ~14 us of the replay
+# op's ~34 us per layer do not depend on the bytes it moves: launches, the step's load, reductions, tails).
+ROW_STREAMS = 2
 ROW_STREAMS_MIN_ROWS = 32
 STEPS_PER_GRAPH = 16
 
@@ -106,10 +107,13 @@ class Decoding:
         self.step = torch.zeros((), dtype=torch.long, device=labels.device)
         self.cache = model.allocate_cache(self.num_rows, s.state_dtype,
                                           replay_step=self.step if s.replay_form(model, self.num_rows) else None)
-        half = self.num_rows // 2 if self.num_rows >= ROW_STREAMS_MIN_ROWS else 0
-        self.halves = (slice(0, half), slice(half, None)) if half else ()
-        self.half_caches = [cache_rows(self.cache, rows) for rows in self.halves]
-        self.side_stream = torch.cuda.Stream(labels.device) if half and labels.device.type == "cuda" else None
+        parts = min(ROW_STREAMS, self.num_rows) if self.num_rows >= ROW_STREAMS_MIN_ROWS else 1
+        bounds = [self.num_rows * i // parts for i in range(parts + 1)]
+        self.row_blocks = [slice(a, b) for a, b in zip(bounds, bounds[1:])] if parts > 1 else []
+        self.block_caches = [cache_rows(self.cache, rows) for rows in self.row_blocks]
+        # blocks 1.. on side streams (block 0 on the caller's)
+        self.side_streams = ([torch.cuda.Stream(labels.device) for _ in self.row_blocks[1:]]
+                             if labels.device.type == "cuda" else [])
         self.tokens = torch.zeros(batch, c.num_tokens, dtype=torch.long, device=labels.device)
         self.logits = (torch.empty(batch, c.num_tokens, c.vocab_size, device=labels.device,
                                    dtype=torch.promote_types(model.dtype, torch.float32)) if return_logits else None)
@@ -132,8 +136,8 @@ class Decoding:
         emb = model.backbone.embeddings
         hidden = ak.embed_step(self.cond, emb.word_embeddings.weight, emb.position_embeddings.weight, self.tokens, k,
                                position_offset=0 if s.decode_positions == "official" else 1)
-        logits = self._step_in_halves(hidden) if self.halves else model.step(hidden, self.cache, self.mods,
-                                                                             self.final_mod)
+        logits = self._step_in_row_blocks(hidden) if self.row_blocks else model.step(hidden, self.cache, self.mods,
+                                                                                     self.final_mod)
         if self.logits is not None:
             self.logits.index_copy_(1, at, ak.guided_logits(logits, s.guidance)[:, None])
         if self.forced_tokens is not None:
@@ -142,23 +146,25 @@ class Decoding:
             token = ak.sample_next_token(logits, s.guidance, s.temperature, s.top_k, s.top_p, uniform=uniform)
         ak.record_token(token, self.tokens, self.step)
 
-    def _step_in_halves(self, hidden: Tensor) -> Tensor:
-        """model.step over the two row halves; on CUDA the second on a side stream, so both run at once."""
-        def half(i: int) -> Tensor:
-            rows = self.halves[i]
-            return self.model.step(hidden[rows], self.half_caches[i], [m[rows] for m in self.mods],
+    def _step_in_row_blocks(self, hidden: Tensor) -> Tensor:
+        """model.step over each row block; on CUDA blocks 1.. on side streams, so all run at once."""
+        def block(i: int) -> Tensor:
+            rows = self.row_blocks[i]
+            return self.model.step(hidden[rows], self.block_caches[i], [m[rows] for m in self.mods],
                                    self.final_mod[rows])
 
-        side = self.side_stream
-        if side is None:
-            return torch.cat([half(0), half(1)])
+        if not self.side_streams:
+            return torch.cat([block(i) for i in range(len(self.row_blocks))])
         main = torch.cuda.current_stream(hidden.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            second = half(1)
-        first = half(0)
-        main.wait_stream(side)  # later steps' side-stream work also waits for main: no cross-stream reuse races
-        return torch.cat([first, second])
+        logits = [None] * len(self.row_blocks)
+        for i, side in enumerate(self.side_streams, start=1):
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                logits[i] = block(i)
+        logits[0] = block(0)
+        for side in self.side_streams:  # later steps' side-stream work waits for main: no cross-stream reuse races
+            main.wait_stream(side)
+        return torch.cat(logits)
 
 
 class DecodeGraph:

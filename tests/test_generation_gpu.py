@@ -64,7 +64,7 @@ def test_graph_replay_equals_eager(dtype, batch):
     assert (eager == graphed).double().mean().item() > 0.99  # same kernels; allow a rare near-tie flip
 
 
-def test_steps_in_row_halves_on_two_streams_match_one_stream(monkeypatch):
+def test_steps_in_row_blocks_on_streams_match_one_stream(monkeypatch):
     """34 rows: each step as two 17-row halves on two CUDA streams gives the logits of the whole-batch step
     (teacher-forced, eager) and, graphed, the tokens of the eager run."""
     from aim import generation

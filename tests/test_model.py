@@ -139,10 +139,11 @@ def test_auto_decode_form_falls_back_when_the_replay_history_does_not_fit(monkey
     assert not generation.replay_form(model, rows - 1, torch.float32)
 
 
-@pytest.mark.parametrize("form,cfg_scale,batch", [("state", 2.0, 3), ("replay", 2.0, 3), ("replay", 1.0, 5)])
-def test_steps_in_row_halves_decode_the_same(monkeypatch, form, cfg_scale, batch):
-    """Each step as two half-batches (on CUDA, two streams) updates the shared cache as the whole batch does:
-    the same tokens and teacher-forced logits, odd row counts included."""
+@pytest.mark.parametrize("form,cfg_scale,batch,blocks", [("state", 2.0, 3, 2), ("replay", 2.0, 3, 4),
+                                                          ("replay", 1.0, 5, 2), ("replay", 1.0, 2, 3)])
+def test_steps_in_row_blocks_decode_the_same(monkeypatch, form, cfg_scale, batch, blocks):
+    """Each step as row blocks (on CUDA, one stream each) updates the shared cache as the whole batch does:
+    the same tokens and teacher-forced logits, uneven blocks and more blocks than rows included."""
     from aim import generation
     model = small_model()
     labels = torch.arange(batch) % 5
@@ -157,9 +158,10 @@ def test_steps_in_row_halves_decode_the_same(monkeypatch, form, cfg_scale, batch
 
     whole = run()
     monkeypatch.setattr(generation, "ROW_STREAMS_MIN_ROWS", 2)
-    halves = run()
-    assert torch.equal(whole[0], halves[0])
-    assert torch.allclose(whole[1], halves[1], rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(generation, "ROW_STREAMS", blocks)
+    split = run()
+    assert torch.equal(whole[0], split[0])
+    assert torch.allclose(whole[1], split[1], rtol=1e-12, atol=1e-12)
 
 
 def test_generation_respects_top_k():
