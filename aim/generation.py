@@ -33,7 +33,7 @@ REPLAY_MIN_ROWS = 32
 # stream: one block's kernels fill the others' latency-bound stretches (at 128 rows ~14 us of the replay
 # op's ~34 us per layer do not depend on the bytes it moves: launches, the step's load, reductions, tails).
 ROW_STREAMS = 2
-ROW_STREAMS_MIN_ROWS = 32
+ROW_STREAMS_MIN_ROWS = 2
 STEPS_PER_GRAPH = 16
 
 
