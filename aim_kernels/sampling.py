@@ -184,9 +184,12 @@ if _triton.triton is not None:
                                        top_k, drop_mass, GUIDED, TOP_K, TOP_P, BLOCK)
         cdf = tl.cumsum(prob, axis=0)
         target = tl.load(U + row).to(tl.float32) * tl.sum(prob, axis=0)
-        token = tl.sum((cdf <= target).to(tl.int32), axis=0)  # first index whose cdf exceeds the draw
-        last_allowed = tl.max(tl.where(prob > 0, cols, -1), axis=0)
-        tl.store(OUT + row, tl.minimum(token, last_allowed).to(tl.int64))
+        # The first kept token whose cdf exceeds the draw, else (rounding at the top of the CDF) the last
+        # kept one. A parallel scan's float32 partial sums need not be monotone, so counting the entries
+        # at or below the draw could land on a dropped token next to the end of the kept mass.
+        first = tl.min(tl.where((cdf > target) & (prob > 0), cols, BLOCK), axis=0)
+        last_kept = tl.max(tl.where(prob > 0, cols, -1), axis=0)
+        tl.store(OUT + row, tl.minimum(first, last_kept).to(tl.int64))
 
 
 def sample_not_supported_reasons(logits: Tensor, cfg_scale: float, temperature: float, top_k: int, top_p: float,

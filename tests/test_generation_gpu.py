@@ -25,7 +25,8 @@ def aim_b_layers(n_layer: int, **overrides) -> AiM:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=[3, 5], ids=["6rows", "10rows"])  # GEMV / GEMM (float32) projections
+# 2 rows: bf16 decodes on two streams (aim.generation.row_streams); 6 / 10: GEMV / GEMM (float32) projections
+@pytest.fixture(scope="module", params=[1, 3, 5], ids=["2rows", "6rows", "10rows"])
 def reference_and_inputs(request):
     model = aim_b_layers(4)
     labels = torch.tensor([3, 999, 512, 7, 0][:request.param])
@@ -48,7 +49,7 @@ def test_teacher_forced_decode_matches_float64(reference_and_inputs, dtype, tol,
         assert agree >= 0.999
 
 
-@pytest.mark.parametrize("batch", [5, 17])  # 10 rows: state form; 34 rows: replay form (auto)
+@pytest.mark.parametrize("batch", [1, 5, 17])  # 2 rows: two streams in bf16; 10: state form; 34: replay form
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replay_equals_eager(dtype, batch):
     model = aim_b_layers(3).to("cuda", dtype)
@@ -62,6 +63,25 @@ def test_graph_replay_equals_eager(dtype, batch):
     eager, graphed, again = run(False), run(True), run(True)  # the second graph call replays the capture
     assert torch.equal(graphed, again)
     assert (eager == graphed).double().mean().item() > 0.99  # same kernels; allow a rare near-tie flip
+
+
+@pytest.mark.parametrize("batch,dtype,tol", [(1, torch.bfloat16, 1e-2), (17, torch.float32, 1e-5)])
+def test_steps_in_row_blocks_on_streams_match_one_stream(monkeypatch, batch, dtype, tol):
+    """Each step as two row blocks on two CUDA streams (2 rows: 1 + 1; 34 rows: 17 + 17, replay form) gives
+    the teacher-forced logits of the whole-batch step."""
+    from aim import generation
+    model = aim_b_layers(3).to("cuda", dtype)
+    labels = torch.arange(batch, device="cuda")
+    tokens = torch.randint(model.config.vocab_size, (batch, model.config.num_tokens), device="cuda")
+
+    def logits():
+        return model.generate_tokens(labels, cfg_scale=2.0, forced_tokens=tokens, return_logits=True)[1]
+
+    monkeypatch.setattr(generation, "row_streams", lambda *args: 2)
+    two_streams = logits()
+    monkeypatch.setattr(generation, "row_streams", lambda *args: 1)
+    one_stream = logits()
+    assert rel_err(two_streams, one_stream) < tol
 
 
 def test_graph_is_recaptured_when_weights_move():

@@ -139,6 +139,42 @@ def test_auto_decode_form_falls_back_when_the_replay_history_does_not_fit(monkey
     assert not generation.replay_form(model, rows - 1, torch.float32)
 
 
+@pytest.mark.parametrize("form,cfg_scale,batch,blocks", [("state", 2.0, 3, 2), ("replay", 2.0, 3, 4),
+                                                          ("replay", 1.0, 5, 2), ("replay", 1.0, 2, 3)])
+def test_steps_in_row_blocks_decode_the_same(monkeypatch, form, cfg_scale, batch, blocks):
+    """Each step as row blocks (on CUDA, one stream each) updates the shared cache as the whole batch does:
+    the same tokens and teacher-forced logits, uneven blocks and more blocks than rows included."""
+    from aim import generation
+    model = small_model()
+    labels = torch.arange(batch) % 5
+    forced = torch.randint(64, (batch, 9), generator=torch.Generator().manual_seed(2))
+
+    def run():
+        tokens = model.generate_tokens(labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(4),
+                                       decode_form=form)
+        _, logits = model.generate_tokens(labels, cfg_scale=cfg_scale, forced_tokens=forced, return_logits=True,
+                                          decode_form=form)
+        return tokens, logits
+
+    whole = run()
+    monkeypatch.setattr(generation, "row_streams", lambda *args: blocks)
+    split = run()
+    assert torch.equal(whole[0], split[0])
+    assert torch.allclose(whole[1], split[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset,dtype,rows,streams", [
+    ("AiM-B", torch.bfloat16, 2, 2), ("AiM-L", torch.bfloat16, 2, 2), ("AiM-B", torch.float32, 2, 1),
+    ("AiM-XL", torch.bfloat16, 2, 1), ("AiM-B", torch.bfloat16, 1, 1), ("AiM-B", torch.bfloat16, 32, 1)])
+def test_row_streams_only_where_measured_faster(preset, dtype, rows, streams):
+    """Batch 1 with guidance splits over two streams only on CUDA and while a block's weights are small."""
+    from aim import generation
+    with torch.device("meta"):
+        model = AiM(AiMConfig.from_preset(preset)).to(dtype)
+    assert generation.row_streams(model, rows, torch.device("cuda")) == streams
+    assert generation.row_streams(model, rows, torch.device("cpu")) == 1
+
+
 def test_generation_respects_top_k():
     """Every sampled token is among the top-k guided logits of its step (teacher-forced replay)."""
     model = small_model()

@@ -172,3 +172,16 @@ def test_cuda_frequencies_match_the_distribution():
     freq = torch.bincount(tokens, minlength=5).double() / tokens.numel()
     probs = logits[0].double().softmax(-1)
     assert freq[4] == 0 and (freq - probs).abs().max() < 5 * (0.25 / tokens.numel()) ** 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k,top_p", [(600, 1.0), (0, 0.98), (50, 0.9)])
+def test_cuda_draws_at_the_top_of_the_cdf_are_kept(dtype, top_k, top_p):
+    """torch.rand's largest uniform, 1 - 2**-24, in 2048 rows: the float32 CDF's rounding next to the end
+    of the kept mass never yields a dropped token (a parallel scan's partial sums need not be monotone)."""
+    rows = 2048
+    logits = (torch.randn(2 * rows, 16384, device="cuda") * 4).to(dtype)
+    got = ak.sample_next_token(logits, 2.0, 1.0, top_k, top_p, uniform=torch.full((rows,), 1 - 2 ** -24, device="cuda"))
+    kept, close = reference_kept(logits, 2.0, 1.0, top_k, top_p)
+    assert (kept | close)[torch.arange(rows, device="cuda"), got].all()
