@@ -29,13 +29,14 @@ DECODE_FORMS = ("auto", "state", "replay")
 # and writing the fp32 state (aim_kernels/replay.py). Below it launches dominate and the fused
 # state-form step is faster (H200, AiM-XL per layer: 14 us vs 36 us at 32 rows, 9 us vs 6.5 us at 2).
 REPLAY_MIN_ROWS = 32
-# Batch 1 with guidance: the cond and uncond rows decode as two row blocks on two CUDA streams, so one
-# row's latency-bound kernels overlap the other's (H200, same machine: AiM-B bf16 1.10x, AiM-L bf16
-# 1.08x). Each block reads every weight, which pays only while the second stream finds a layer's
-# weights in L2: AiM-B fp32 (15 MB of weights per layer) 0.99x, AiM-L fp32 (26 MB) 0.94x, AiM-XL bf16
-# (29 MB) 0.84x. More rows did not pay: two 16-row blocks 0.98x (AiM-B bf16 batch 16), two or four
-# blocks of 128 rows 0.74-0.95x (batch 64; AiM-B fp32 1.03x).
-ROW_STREAMS_MAX_ROWS = 2
+# Up to batch 4 with guidance, each step's rows decode as two row blocks on two CUDA streams, so one
+# block's latency-bound kernels overlap the other's (same machine, end to end: H200 batch 1 AiM-B bf16
+# 1.10x, AiM-L bf16 1.08x; H100 batch 2 / 4 AiM-B bf16 1.15x / 1.15x, AiM-L bf16 batch 4 1.17x). Each
+# block reads every weight, which pays only while the second stream finds a layer's weights in L2 (H200
+# batch 1: AiM-B fp32, 15 MB of weights per layer, 0.99x; AiM-L fp32, 26 MB, 0.94x; AiM-XL bf16, 29 MB,
+# 0.84x). More rows do not pay: batch 8 0.97x (H100), batch 16 0.98x, two or four blocks of 128 rows
+# 0.74-0.95x (H200).
+ROW_STREAMS_MAX_ROWS = 8
 ROW_STREAMS_MAX_LAYER_BYTES = 14 * 10 ** 6
 STEPS_PER_GRAPH = 16
 

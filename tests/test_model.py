@@ -165,9 +165,10 @@ def test_steps_in_row_blocks_decode_the_same(monkeypatch, form, cfg_scale, batch
 
 @pytest.mark.parametrize("preset,dtype,rows,streams", [
     ("AiM-B", torch.bfloat16, 2, 2), ("AiM-L", torch.bfloat16, 2, 2), ("AiM-B", torch.float32, 2, 1),
-    ("AiM-XL", torch.bfloat16, 2, 1), ("AiM-B", torch.bfloat16, 1, 1), ("AiM-B", torch.bfloat16, 32, 1)])
+    ("AiM-XL", torch.bfloat16, 2, 1), ("AiM-B", torch.bfloat16, 1, 1), ("AiM-B", torch.bfloat16, 8, 2),
+    ("AiM-B", torch.bfloat16, 16, 1)])
 def test_row_streams_only_where_measured_faster(preset, dtype, rows, streams):
-    """Batch 1 with guidance splits over two streams only on CUDA and while a block's weights are small."""
+    """2-8 rows split over two streams, only on CUDA and while a block's weights are small."""
     from aim import generation
     with torch.device("meta"):
         model = AiM(AiMConfig.from_preset(preset)).to(dtype)
