@@ -37,7 +37,7 @@ REPLAY_MIN_ROWS = 32
 # 0.84x). More rows do not pay: batch 8 0.97x (H100), batch 16 0.98x, two or four blocks of 128 rows
 # 0.74-0.95x (H200).
 ROW_STREAMS_MAX_ROWS = 8
-ROW_STREAMS_MAX_LAYER_BYTES = 14 * 10 ** 6
+ROW_STREAMS_MAX_WEIGHT_BYTES = 14 * 10 ** 6
 STEPS_PER_GRAPH = 16
 
 
@@ -82,7 +82,7 @@ def step_weight_bytes(model) -> int:
 
 def row_streams(model, rows: int, device: torch.device) -> int:
     """How many row blocks, each on its own CUDA stream, a decode step runs as (1: the whole batch)."""
-    split = 1 < rows <= ROW_STREAMS_MAX_ROWS and step_weight_bytes(model) <= ROW_STREAMS_MAX_LAYER_BYTES
+    split = 1 < rows <= ROW_STREAMS_MAX_ROWS and step_weight_bytes(model) <= ROW_STREAMS_MAX_WEIGHT_BYTES
     return 2 if device.type == "cuda" and split else 1
 
 
