@@ -86,12 +86,6 @@ def row_streams(model, rows: int, device: torch.device) -> int:
     return 2 if device.type == "cuda" and split else 1
 
 
-def cache_rows(cache: list, rows: slice) -> list:
-    """Views of rows `rows` of every layer's decode cache (A and the step counter are shared): a step
-    over those rows updates the whole cache in place."""
-    return [type(c)(*(t if name in ("A", "step") else t[rows] for name, t in zip(c._fields, c))) for c in cache]
-
-
 @dataclass(frozen=True)
 class Settings:
     cfg_scale: float
@@ -124,9 +118,9 @@ class Decoding:
         self.cache = model.allocate_cache(self.num_rows, s.state_dtype,
                                           replay_step=self.step if s.replay_form(model, self.num_rows) else None)
         parts = row_streams(model, self.num_rows, labels.device)
-        bounds = [self.num_rows * i // parts for i in range(parts + 1)]
-        self.row_blocks = [slice(a, b) for a, b in zip(bounds, bounds[1:])] if parts > 1 else []
-        self.block_caches = [cache_rows(self.cache, rows) for rows in self.row_blocks]
+        self.row_blocks = ([slice(self.num_rows * i // parts, self.num_rows * (i + 1) // parts) for i in range(parts)]
+                           if parts > 1 else [])
+        self.block_caches = [[layer.rows(rows) for layer in self.cache] for rows in self.row_blocks]
         # blocks 1.. on side streams (block 0 on the caller's)
         self.side_streams = ([torch.cuda.Stream(labels.device) for _ in self.row_blocks[1:]]
                              if labels.device.type == "cuda" else [])
@@ -140,6 +134,7 @@ class Decoding:
         rows = torch.cat([labels, torch.full_like(labels, null)]) if self.s.guidance is not None else labels
         self.cond = self.model.class_embedding(rows)
         self.mods, self.final_mod = self.model.conditioning(self.cond)
+        self.block_mods = [([m[block] for m in self.mods], self.final_mod[block]) for block in self.row_blocks]
         self.model.reset_cache(self.cache)
         self.step.zero_()
 
@@ -165,9 +160,7 @@ class Decoding:
     def _step_in_row_blocks(self, hidden: Tensor) -> Tensor:
         """model.step over each row block; on CUDA blocks 1.. on side streams, so all run at once."""
         def block(i: int) -> Tensor:
-            rows = self.row_blocks[i]
-            return self.model.step(hidden[rows], self.block_caches[i], [m[rows] for m in self.mods],
-                                   self.final_mod[rows])
+            return self.model.step(hidden[self.row_blocks[i]], self.block_caches[i], *self.block_mods[i])
 
         if not self.side_streams:
             return torch.cat([block(i) for i in range(len(self.row_blocks))])

@@ -28,6 +28,10 @@ class StateCache(NamedTuple):
     conv_state: Tensor
     ssm_state: Tensor
 
+    def rows(self, rows: slice) -> "StateCache":
+        """Views of these rows: a step over them updates this cache in place."""
+        return StateCache(self.conv_state[rows], self.ssm_state[rows])
+
 
 class ReplayCache(NamedTuple):
     """Replay-form decode state of one Mamba2 layer: the conv window, this sequence's per-token SSM
@@ -39,6 +43,12 @@ class ReplayCache(NamedTuple):
     hist_cum: Tensor
     A: Tensor
     step: Tensor
+
+    def rows(self, rows: slice) -> "ReplayCache":
+        """Views of these rows (A and the step counter are shared): a step over them updates this cache
+        in place."""
+        per_row = ("conv_state", "hist_x", "hist_B", "hist_dt", "hist_cum")
+        return self._replace(**{name: getattr(self, name)[rows] for name in per_row})
 
 
 class RMSNorm(nn.Module):
