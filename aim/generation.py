@@ -51,12 +51,11 @@ def replay_form(model, rows: int, state_dtype: torch.dtype, decode_form: str = "
 
 
 def replay_history_bytes(model, rows: int) -> int:
-    """The replay form's history over all layers (`aim_kernels.allocate_replay_history`): per row and
-    step, x and B in the model dtype, dt and its running sum in float32 (float64 models: float64)."""
-    m = model.backbone.layers[0].mixer
-    stat = torch.promote_types(model.dtype, torch.float32).itemsize
-    per_entry = (m.nheads * m.headdim + m.ngroups * m.d_state) * model.dtype.itemsize + 2 * m.nheads * stat
-    return len(model.backbone.layers) * rows * model.config.num_tokens * per_entry
+    """The replay form's history over all layers, as the replay caches allocate it (on the meta device)."""
+    step = torch.zeros((), dtype=torch.long, device="meta")
+    caches = (layer.mixer.allocate_cache(rows, "meta", model.dtype, torch.float32, model.config.num_tokens, step)
+              for layer in model.backbone.layers)
+    return sum(t.nbytes for c in caches for t in (c.hist_x, c.hist_B, c.hist_dt, c.hist_cum))
 
 
 def free_device_bytes(device: torch.device) -> Optional[int]:

@@ -173,10 +173,10 @@ def poisoned_outputs(monkeypatch):
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 # y rounds to its dtype before the gate in both, but a last-bit difference before the rounding can flip an
-# element by an ulp: its square moves by 2 ulp, and a head dominated by it by about as much (fp16 with 16
-# channels: 2.6e-4 seen, bf16 at AiM's shapes 4.5e-5)
-MEAN_SQ_TOL = {torch.float32: 1e-5, torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps,
-               torch.float16: 4 * torch.finfo(torch.float16).eps}
+# element by an ulp, moving a head's mean square by up to ~2 ulp when one element dominates it. Measured:
+# fp16 with 16 channels per head (interpreter) up to 2.6e-4, 2.05e-4 the most over 25 seeds; bf16 at
+# AiM's shapes (GPU) up to 4.5e-5.
+MEAN_SQ_TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-4, torch.float16: 1e-3}
 
 
 def check_triton_steps(seq, dtype, max_len, device, config=None, steps=None):
