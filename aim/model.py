@@ -234,10 +234,18 @@ class Block(nn.Module):
         the mixer's in_proj are one op (one kernel at few rows). hidden_mean_sq: the previous mixer's
         deferred norm (Mamba2Mixer.step), returned likewise for this block's output."""
         shift, scale, gate = modulation.unbind(1)
+        mixer = self.mixer
+        if isinstance(mixer, Mamba2Mixer) and isinstance(cache, StateCache):  # the whole block as one op
+            h, residual = ak.mamba2_block_step(hidden, residual, hidden_gate, self.norm.weight, shift, scale,
+                                               mixer.in_proj.weight, cache.conv_state, cache.ssm_state,
+                                               mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.A_log,
+                                               mixer.D, mixer.dt_bias, mixer.norm.weight, NORM_EPS, mixer.headdim,
+                                               mixer.ngroups, mixer.out_proj.weight)
+            return h, gate, residual, None
         projected, residual = ak.add_rmsnorm_modulate_linear(hidden, residual, self.norm.weight, shift, scale,
-                                                             NORM_EPS, hidden_gate, self.mixer.in_proj.weight,
+                                                             NORM_EPS, hidden_gate, mixer.in_proj.weight,
                                                              hidden_mean_sq, NORM_EPS)
-        h, h_mean_sq = self.mixer.step(projected, cache)
+        h, h_mean_sq = mixer.step(projected, cache)
         return h, gate, residual, h_mean_sq
 
 

@@ -92,14 +92,12 @@ NUM_WARPS = 4
 MAX_GROUP_SIZE = 8192  # the gated RMSNorm's group in one tile (32 float32 per thread per operand at 8 warps)
 
 
-def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
-                          conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
-                          eps: float, headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> list[str]:
-    """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
-    reasons = _triton.reasons(zxbcdt.device)
-    reasons += _triton.dtype_reasons(zxbcdt=zxbcdt, conv_state=conv_state, conv_weight=conv_weight,
-                                     conv_bias=conv_bias, A_log=A_log, D=D, dt_bias=dt_bias, norm_weight=norm_weight,
-                                     out_weight=out_weight)
+def _state_reasons(conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                   A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor, ngroups: int,
+                   out_weight: Optional[Tensor]) -> list[str]:
+    """Why the Triton kernels cannot take the caches and the mixer's parameters; empty list: they can."""
+    reasons = _triton.dtype_reasons(conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias, A_log=A_log,
+                                    D=D, dt_bias=dt_bias, norm_weight=norm_weight, out_weight=out_weight)
     if ssm_state.dtype not in _STATE_DTYPES:
         reasons.append(f"ssm_state is {ssm_state.dtype}; the Triton kernel keeps it in float32 or bfloat16")
     if conv_weight.shape[1] > MAX_WIDTH:
@@ -107,10 +105,20 @@ def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor,
     if norm_weight.shape[0] // ngroups > MAX_GROUP_SIZE:
         reasons.append(f"norm group size {norm_weight.shape[0] // ngroups} > {MAX_GROUP_SIZE} (one tile per group)")
     reasons += _triton.pow2_reasons(headdim=ssm_state.shape[2], d_state=ssm_state.shape[3])
-    if zxbcdt.dim() == 2 and zxbcdt.stride(1) != 1:
-        reasons.append("zxbcdt's channels are not contiguous (stride(1) != 1)")
     if ssm_state.stride(3) != 1:
         reasons.append("ssm_state's d_state dimension is not contiguous (stride(3) != 1)")
+    return reasons
+
+
+def not_supported_reasons(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                          conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                          eps: float, headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> list[str]:
+    """Why the Triton kernel cannot run these (already validated) inputs; empty list: it can."""
+    reasons = _triton.reasons(zxbcdt.device) + _triton.dtype_reasons(zxbcdt=zxbcdt)
+    reasons += _state_reasons(conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, ngroups,
+                              out_weight)
+    if zxbcdt.dim() == 2 and zxbcdt.stride(1) != 1:
+        reasons.append("zxbcdt's channels are not contiguous (stride(1) != 1)")
     return reasons
 
 
@@ -125,12 +133,9 @@ def _p_per_program(rows: int, nheads: int, headdim: int) -> int:
     return block
 
 
-def _alloc_outputs(rows: int, d_inner: int, d_out: int, n_partials: int, dtype: torch.dtype,
-                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """out (R, d_out) in the model dtype; float32 scratch: v (R, d_inner) and v^2 partials."""
-    return (torch.empty(rows, d_out, dtype=dtype, device=device),
-            torch.empty(rows, d_inner, dtype=torch.float32, device=device),
-            torch.empty(rows, n_partials, dtype=torch.float32, device=device))
+def _empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every output and scratch buffer of the Triton paths (the tests poison them through this)."""
+    return torch.empty(rows, cols, dtype=dtype, device=device)
 
 
 if triton is not None:
@@ -159,21 +164,16 @@ if triton is not None:
         tl.store(ptrs, new, mask=s < S)
 
     @triton.jit
-    def _ssm_step_kernel(zxbcdt_ptr, conv_state_ptr, ssm_state_ptr, conv_w_ptr, conv_b_ptr, A_log_ptr, D_ptr,
-                         dt_bias_ptr, v_ptr, sumsq_ptr,
-                         stride_zr, stride_cr, stride_cc, stride_cs, stride_sr, stride_sh, stride_sp,
-                         stride_wc, stride_wk, S, H, GN, HEADS_PER_GROUP,
-                         P: tl.constexpr, N: tl.constexpr, W: tl.constexpr, P_PER_PROGRAM: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        pb = tl.program_id(2)
+    def _ssm_step_program(r, h, pb, PB, z_row, xbc_row, cs_row, ssm_state_ptr, conv_w_ptr, conv_b_ptr, A_log_ptr,
+                          D_ptr, dt_bias_ptr, v_ptr, sumsq_ptr, stride_cc, stride_cs, stride_sr, stride_sh, stride_sp,
+                          stride_wc, stride_wk, S, H, GN, HEADS_PER_GROUP, P: tl.constexpr, N: tl.constexpr,
+                          W: tl.constexpr, P_PER_PROGRAM: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+        """Program (r, h, pb) of kernel 1: xbc_row is row r's [x | B | C | dt]. GATED: v = y * silu(z) (z_row is
+        row r's z) and the partial sum of v^2; otherwise v = y, and the next kernel applies the gate."""
         g = h // HEADS_PER_GROUP
         d_inner = H * P
         n = tl.arange(0, N)
-        z_row = zxbcdt_ptr + r * stride_zr
-        xbc_row = z_row + d_inner
-        cs_row = conv_state_ptr + r * stride_cr
         p0 = h * P + pb * P_PER_PROGRAM  # this program's x channels: no other program reads their conv_state
         s_head = ssm_state_ptr + r * stride_sr + h * stride_sh + (pb * P_PER_PROGRAM) * stride_sp
         neg_A = tl.exp(tl.load(A_log_ptr + h).to(tl.float32))  # A = -exp(A_log)
@@ -188,7 +188,7 @@ if triton is not None:
         C = _conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, d_inner + GN + g * N + n, S, stride_cc, stride_cs,
                        stride_wc, stride_wk, W, HAS_BIAS)
         # softplus in float64: log(1 + exp(dt)) loses ~1e-4 relative in float32 when dt is small
-        dt = tl.load(z_row + 2 * d_inner + 2 * GN + h).to(tl.float64) + dt_bias
+        dt = tl.load(xbc_row + d_inner + 2 * GN + h).to(tl.float64) + dt_bias
         dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt))).to(tl.float32)
         dA = tl.exp(-dt * neg_A)
 
@@ -202,7 +202,8 @@ if triton is not None:
                 state = tl.load(s_ptrs)
             x = _conv_silu(xbc_row, cs_row, conv_w_ptr, conv_b_ptr, p0 + p, S, stride_cc, stride_cs, stride_wc,
                            stride_wk, W, HAS_BIAS)
-            z = tl.load(z_row + p0 + p).to(tl.float32)
+            if GATED:
+                z = tl.load(z_row + p0 + p).to(tl.float32)
             if i == P_PER_PROGRAM // BLOCK_P - 1:
                 # every tap of this program's x channels is read: shift their windows now, so the shift's
                 # loads go out with the others instead of after the reductions' barriers
@@ -211,46 +212,97 @@ if triton is not None:
             state = state.to(tl.float32) * dA + (dt * x)[:, None] * B[None, :]
             tl.store(s_ptrs, state.to(ssm_state_ptr.dtype.element_ty))
             y = tl.sum(state * C[None, :], axis=1) + skip * x
-            v = y * z * tl.sigmoid(z)
-            tl.store(v_ptr + r * d_inner + p0 + p, v)
-            sumsq += tl.sum(v * v, axis=0)
-        tl.store(sumsq_ptr + (r * H + h) * tl.num_programs(2) + pb, sumsq)
+            if GATED:
+                y = y * z * tl.sigmoid(z)
+                sumsq += tl.sum(y * y, axis=0)
+            tl.store(v_ptr + r * d_inner + p0 + p, y)
+        if GATED:
+            tl.store(sumsq_ptr + (r * H + h) * PB + pb, sumsq)
 
     @triton.jit
-    def _norm_shift_kernel(zxbcdt_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_ptr,
-                           stride_zr, stride_cr, stride_cc, stride_cs, S, eps, D_INNER, GN, GROUP_SIZE,
+    def _ssm_step_kernel(zxbcdt_ptr, conv_state_ptr, ssm_state_ptr, conv_w_ptr, conv_b_ptr, A_log_ptr, D_ptr,
+                         dt_bias_ptr, v_ptr, sumsq_ptr,
+                         stride_zr, stride_cr, stride_cc, stride_cs, stride_sr, stride_sh, stride_sp,
+                         stride_wc, stride_wk, S, H, GN, HEADS_PER_GROUP,
+                         P: tl.constexpr, N: tl.constexpr, W: tl.constexpr, P_PER_PROGRAM: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        z_row = zxbcdt_ptr + r * stride_zr
+        _ssm_step_program(r, tl.program_id(1), tl.program_id(2), tl.num_programs(2), z_row, z_row + H * P,
+                          conv_state_ptr + r * stride_cr, ssm_state_ptr, conv_w_ptr, conv_b_ptr, A_log_ptr, D_ptr,
+                          dt_bias_ptr, v_ptr, sumsq_ptr, stride_cc, stride_cs, stride_sr, stride_sh, stride_sp,
+                          stride_wc, stride_wk, S, H, GN, HEADS_PER_GROUP, P, N, W, P_PER_PROGRAM, BLOCK_P, BLOCK_S,
+                          HAS_BIAS, True, PDL)
+
+    @triton.jit
+    def _ssm_step_z_kernel(xbcdt_ptr, h_ptr, z_weight_ptr, z_ptr, conv_state_ptr, ssm_state_ptr, conv_w_ptr,
+                           conv_b_ptr, A_log_ptr, D_ptr, dt_bias_ptr, v_ptr, K, Z_PROGRAMS,
+                           stride_xr, stride_hr, stride_zw, stride_cr, stride_cc, stride_cs, stride_sr, stride_sh,
+                           stride_sp, stride_wc, stride_wk, S, H, GN, HEADS_PER_GROUP, PB,
+                           ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           P: tl.constexpr, N: tl.constexpr, W: tl.constexpr, P_PER_PROGRAM: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+        """Kernel 1 of the block step: the first Z_PROGRAMS programs compute z = h @ z_weight.T (in_proj's z
+        rows: the SSM update does not need them), the rest are `_ssm_step_program`s writing y ungated."""
+        pid = tl.program_id(0)
+        if pid < Z_PROGRAMS:
+            gemv.gemv_program(pid, h_ptr, z_weight_ptr, z_ptr, H * P, K, stride_hr, stride_zw, ROWS, ROWS_PAD,
+                              BLOCK_N, BLOCK_K, PDL)
+        else:
+            spid = pid - Z_PROGRAMS
+            r = (spid // (H * PB)).to(tl.int64)
+            xbc_row = xbcdt_ptr + r * stride_xr
+            _ssm_step_program(r, (spid // PB) % H, spid % PB, PB, xbc_row, xbc_row, conv_state_ptr + r * stride_cr,
+                              ssm_state_ptr, conv_w_ptr, conv_b_ptr, A_log_ptr, D_ptr, dt_bias_ptr, v_ptr, v_ptr,
+                              stride_cc, stride_cs, stride_sr, stride_sh, stride_sp, stride_wc, stride_wk, S, H, GN,
+                              HEADS_PER_GROUP, P, N, W, P_PER_PROGRAM, BLOCK_P, BLOCK_S, HAS_BIAS, False, PDL)
+
+    @triton.jit
+    def _norm_shift_kernel(xbc_ptr, z_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_ptr,
+                           stride_xr, stride_cr, stride_cc, stride_cs, S, eps, D_INNER, GN, GROUP_SIZE,
                            PARTIALS_PER_GROUP, N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PARTS: tl.constexpr,
-                           BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                           BLOCK_S: tl.constexpr, Z_GATE: tl.constexpr, PDL: tl.constexpr):
         """One program per (row, group), the whole group in one tile: every load goes out at once, before
-        the block-wide reduction (a load after its barrier would be another round trip)."""
+        the block-wide reduction (a load after its barrier would be another round trip). Z_GATE: v is the
+        ungated y, gated here by z (rows of D_INNER); otherwise v is gated and sumsq holds its v^2 partials."""
         _triton.pdl_wait(PDL)
         r = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         G = tl.num_programs(1)
-        i = tl.arange(0, BLOCK_PARTS)
-        parts = tl.load(sumsq_ptr + (r * G + g) * PARTIALS_PER_GROUP + i, mask=i < PARTIALS_PER_GROUP, other=0.0)
         d = tl.arange(0, BLOCK_D)
         mask = d < GROUP_SIZE
         d += g * GROUP_SIZE
         v = tl.load(v_ptr + r * D_INNER + d, mask=mask, other=0.0)
+        if Z_GATE:
+            z = tl.load(z_ptr + r * D_INNER + d, mask=mask, other=0.0).to(tl.float32)
+        else:
+            i = tl.arange(0, BLOCK_PARTS)
+            parts = tl.load(sumsq_ptr + (r * G + g) * PARTIALS_PER_GROUP + i, mask=i < PARTIALS_PER_GROUP,
+                            other=0.0)
         w = tl.load(norm_w_ptr + d, mask=mask, other=0.0).to(tl.float32)
         # kernel 1 (every reader of this group's B/C conv windows) is done: shift them now
         j = tl.arange(0, 2 * N)
         c = D_INNER + tl.where(j < N, g * N + j, GN + g * N + (j - N))
-        _shift_conv_state(zxbcdt_ptr + r * stride_zr + D_INNER, conv_state_ptr + r * stride_cr, c, S,
-                          stride_cc, stride_cs, BLOCK_S)
-        rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / GROUP_SIZE + eps)
+        _shift_conv_state(xbc_ptr + r * stride_xr, conv_state_ptr + r * stride_cr, c, S, stride_cc, stride_cs,
+                          BLOCK_S)
+        if Z_GATE:
+            v = v * z * tl.sigmoid(z)
+            ss = tl.sum(v * v, axis=0)
+        else:
+            ss = tl.sum(parts, axis=0)
+        rstd = 1.0 / tl.sqrt(ss / GROUP_SIZE + eps)
         tl.store(out_ptr + r * D_INNER + d, (v * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 if triton is not None:
     @triton.jit
-    def _norm_shift_out_kernel(zxbcdt_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_w_ptr, out_ptr,
-                               stride_zr, stride_cr, stride_cc, stride_cs, S, eps, N_OUT, D_INNER, N_PARTS,
+    def _norm_shift_out_kernel(xbc_ptr, z_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_w_ptr, out_ptr,
+                               stride_xr, stride_cr, stride_cc, stride_cs, S, eps, N_OUT, D_INNER, N_PARTS,
                                ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr,
-                               BLOCK_PARTS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-        """Kernel 2 with out_proj (one group): out[r, n] = sum_k W[n, k] * v[r, k] * rstd[r] * norm_w[k]."""
+                               BLOCK_K: tl.constexpr, BLOCK_PARTS: tl.constexpr, BLOCK_S: tl.constexpr,
+                               Z_GATE: tl.constexpr, PDL: tl.constexpr):
+        """Kernel 2 with out_proj (one group): out[r, n] = sum_k W[n, k] * v[r, k] * rstd[r] * norm_w[k]
+        (Z_GATE: as in _norm_shift_kernel)."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
@@ -258,19 +310,27 @@ if triton is not None:
                     mask=(n[:, None] < N_OUT) & (k[None, :] < D_INNER), other=0.0)
         norm_w = tl.load(norm_w_ptr + k, mask=k < D_INNER, other=0.0).to(tl.float32)
         _triton.pdl_wait(PDL)
-        # every row's partials and v at once, before any block-wide reduction (see _triton.select_row)
+        # every row's inputs at once, before any block-wide reduction (see _triton.select_row)
         i = tl.arange(0, ROWS_PAD)
-        j = tl.arange(0, BLOCK_PARTS)
-        parts = tl.load(sumsq_ptr + i[:, None] * N_PARTS + j[None, :],
-                        mask=(i[:, None] < ROWS) & (j[None, :] < N_PARTS), other=0.0)
-        v = tl.load(v_ptr + i[:, None] * D_INNER + k[None, :], mask=(i[:, None] < ROWS) & (k[None, :] < D_INNER),
-                    other=0.0)
+        m = (i[:, None] < ROWS) & (k[None, :] < D_INNER)
+        v = tl.load(v_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0)
+        if Z_GATE:
+            z = tl.load(z_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0).to(tl.float32)
+        else:
+            j = tl.arange(0, BLOCK_PARTS)
+            parts = tl.load(sumsq_ptr + i[:, None] * N_PARTS + j[None, :],
+                            mask=(i[:, None] < ROWS) & (j[None, :] < N_PARTS), other=0.0)
         # kernel 1 (every reader of the B/C conv windows) is done: shift them, one program per row (here,
         # so their loads go out with the others)
         for r in range(pid, ROWS, tl.num_programs(0)):
-            _shift_conv_state(zxbcdt_ptr + r * stride_zr + D_INNER, conv_state_ptr + r * stride_cr,
+            _shift_conv_state(xbc_ptr + r * stride_xr, conv_state_ptr + r * stride_cr,
                               D_INNER + tl.arange(0, 2 * N), S, stride_cc, stride_cs, BLOCK_S)
-        rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=1) / D_INNER + eps)
+        if Z_GATE:
+            v = v * z * tl.sigmoid(z)
+            ss = tl.sum(v * v, axis=1)
+        else:
+            ss = tl.sum(parts, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / D_INNER + eps)
         x = (v * rstd[:, None] * norm_w[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)  # as unfused rounds y
         for r in tl.static_range(ROWS):
             x_r = _triton.select_row(x, i, r)
@@ -279,8 +339,9 @@ if triton is not None:
 
 
 def fused_out_reasons(rows: int, d_inner: int, ngroups: int, out_weight: Tensor, dtype: torch.dtype,
-                      norm_weight_size: int) -> list[str]:
-    """Why kernel 2 cannot include out_proj (then kernel 2 and a separate GEMV run); empty: it can."""
+                      norm_weight_size: int, z_size: int = 0) -> list[str]:
+    """Why kernel 2 cannot include out_proj (then kernel 2 and a separate GEMV run); empty: it can.
+    z_size: the element size of z when kernel 2 applies the gate (the block step), else 0."""
     reasons = []
     if rows > gemv.MAX_ROWS:
         reasons.append(f"{rows} rows > {gemv.MAX_ROWS}")
@@ -290,8 +351,67 @@ def fused_out_reasons(rows: int, d_inner: int, ngroups: int, out_weight: Tensor,
         reasons.append(f"d_inner {d_inner} > {gemv.TILE_ELEMENTS}")
     if out_weight.dtype != dtype or not out_weight.is_contiguous():
         reasons.append("out_weight is not a contiguous tensor of zxbcdt's dtype")
-    # the input rebuilt per program: v (float32) and norm_weight, read from L2
-    return reasons + gemv.recompute_reasons(d_inner, rows * 4 + norm_weight_size, out_weight.element_size())
+    # the input rebuilt per program: v (float32), z and norm_weight, read from L2
+    return reasons + gemv.recompute_reasons(d_inner, rows * (4 + z_size) + norm_weight_size,
+                                            out_weight.element_size())
+
+
+def _launch_ssm_step_args(conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                          A_log: Tensor, D: Tensor, dt_bias: Tensor, rows: int, h: int, p: int, n: int,
+                          ngroups: int) -> tuple[tuple, dict, int]:
+    """Kernel 1's parameter tensors, strides and constexprs shared by both ops; and its P-blocks per head."""
+    p_per_program = _p_per_program(rows, h, p)
+    conv_weight, A_log, D, dt_bias = (t.contiguous() for t in (conv_weight, A_log, D, dt_bias))
+    conv_bias = conv_bias.contiguous() if conv_bias is not None else None
+    tensors = (conv_state, ssm_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, A_log, D,
+               dt_bias)
+    strides = (*conv_state.stride(), *ssm_state.stride()[:3], *conv_weight.stride(), conv_state.shape[2], h,
+               ngroups * n, h // ngroups)
+    consts = dict(P=p, N=n, W=conv_weight.shape[1], P_PER_PROGRAM=p_per_program,
+                  BLOCK_P=min(p_per_program, max(1, TILE_ELEMENTS // n)),
+                  BLOCK_S=triton.next_power_of_2(conv_state.shape[2]), HAS_BIAS=conv_bias is not None,
+                  num_warps=NUM_WARPS)
+    return tensors + strides, consts, p // p_per_program
+
+
+def _launch_gated_norm(xbc: Tensor, z: Optional[Tensor], conv_state: Tensor, v: Tensor, sumsq: Optional[Tensor],
+                       norm_weight: Tensor, eps: float, ngroups: int, d_state: int,
+                       out_weight: Optional[Tensor]) -> Tensor:
+    """Kernel 2: the gated RMSNorm, with out_proj fused when `fused_out_reasons` allow (else a GEMV after it),
+    and the B/C windows' shift. xbc: the rows' [x | B | C | dt] (row stride xbc.stride(0)). z None: v is gated
+    and sumsq holds its v^2 partials (rows, parts); z (rows, d_inner): v is y, gated here (sumsq None)."""
+    rows, d_inner = v.shape
+    dtype, device = xbc.dtype, xbc.device
+    z_size = z.element_size() if z is not None else 0
+    fused = out_weight is not None and not fused_out_reasons(rows, d_inner, ngroups, out_weight, dtype,
+                                                             norm_weight.element_size(), z_size)
+    out = _empty(rows, out_weight.shape[0] if fused else d_inner, dtype, device)
+    norm_weight = norm_weight.contiguous()
+    z_arg = z if z is not None else v
+    n_parts = sumsq.shape[1] if sumsq is not None else 1
+    sumsq = sumsq if sumsq is not None else v
+    state_len = conv_state.shape[2]
+    block_s = triton.next_power_of_2(state_len)
+    launch = _triton.launch_options(device)
+    if fused:
+        n_out = out_weight.shape[0]
+        block_n, block_k = gemv.tile_shape(d_inner)
+        _norm_shift_out_kernel[(triton.cdiv(n_out, block_n),)](
+            xbc, z_arg, conv_state, v, sumsq, norm_weight, out_weight, out,
+            xbc.stride(0), *conv_state.stride(), state_len, eps, n_out, d_inner, n_parts,
+            ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), N=d_state, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_PARTS=triton.next_power_of_2(n_parts), BLOCK_S=block_s, Z_GATE=z is not None,
+            num_warps=gemv.NUM_WARPS, **launch)
+        return out
+    group_size = d_inner // ngroups
+    block_d = triton.next_power_of_2(group_size)
+    parts_per_group = n_parts // ngroups
+    _norm_shift_kernel[(rows, ngroups)](
+        xbc, z_arg, conv_state, v, sumsq, norm_weight, out,
+        xbc.stride(0), *conv_state.stride(), state_len, eps, d_inner, ngroups * d_state, group_size,
+        parts_per_group, N=d_state, BLOCK_D=block_d, BLOCK_PARTS=triton.next_power_of_2(parts_per_group),
+        BLOCK_S=block_s, Z_GATE=z is not None, num_warps=4 if block_d <= 2048 else 8, **launch)
+    return out if out_weight is None else gemv.linear(out, out_weight)
 
 
 def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
@@ -304,70 +424,134 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
     if reasons:
         raise ValueError("the Triton mamba2_decode_step cannot run these inputs: " + "; ".join(reasons))
     rows, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A_log, headdim, ngroups)
-    width, state_len = conv_weight.shape[1], conv_state.shape[2]
-    p_per_program = _p_per_program(rows, h, p)
-    block_p = min(p_per_program, max(1, TILE_ELEMENTS // n))
-    p_blocks = p // p_per_program
-    fused_out = out_weight is not None and not fused_out_reasons(rows, d_inner, ngroups, out_weight, zxbcdt.dtype,
-                                                                 norm_weight.element_size())
-    out, v, sumsq = _alloc_outputs(rows, d_inner, out_weight.shape[0] if fused_out else d_inner, h * p_blocks,
-                                   zxbcdt.dtype, zxbcdt.device)
     if rows == 0:
-        return out if out_weight is None or fused_out else zxbcdt.new_empty(0, out_weight.shape[0])
-    conv_weight, A_log, D, dt_bias, norm_weight = (t.contiguous() for t in (conv_weight, A_log, D, dt_bias, norm_weight))
-    conv_bias = conv_bias.contiguous() if conv_bias is not None else None
-    block_s = triton.next_power_of_2(state_len)
+        return zxbcdt.new_empty(0, (norm_weight if out_weight is None else out_weight).shape[0])
+    args, consts, p_blocks = _launch_ssm_step_args(conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
+                                                   rows, h, p, n, ngroups)
+    v = _empty(rows, d_inner, torch.float32, zxbcdt.device)
+    sumsq = _empty(rows, h * p_blocks, torch.float32, zxbcdt.device)
     launch = _triton.launch_options(zxbcdt.device)
-    _ssm_step_kernel[(rows, h, p_blocks)](
-        zxbcdt, conv_state, ssm_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
-        A_log, D, dt_bias, v, sumsq,
-        zxbcdt.stride(0), *conv_state.stride(), *ssm_state.stride()[:3], *conv_weight.stride(),
-        state_len, h, ngroups * n, h // ngroups,
-        P=p, N=n, W=width, P_PER_PROGRAM=p_per_program, BLOCK_P=block_p, BLOCK_S=block_s,
-        HAS_BIAS=conv_bias is not None, num_warps=NUM_WARPS, **launch)
-    if fused_out:
-        n_out = out_weight.shape[0]
-        block_n, block_k = gemv.tile_shape(d_inner)
-        _norm_shift_out_kernel[(triton.cdiv(n_out, block_n),)](
-            zxbcdt, conv_state, v, sumsq, norm_weight, out_weight, out,
-            zxbcdt.stride(0), *conv_state.stride(), state_len, eps, n_out, d_inner, h * p_blocks,
-            ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), N=n, BLOCK_N=block_n, BLOCK_K=block_k,
-            BLOCK_PARTS=triton.next_power_of_2(h * p_blocks),
-            BLOCK_S=block_s, num_warps=gemv.NUM_WARPS, **launch)
-        return out
-    group_size = d_inner // ngroups
-    block_d = triton.next_power_of_2(group_size)
-    parts_per_group = h * p_blocks // ngroups
-    _norm_shift_kernel[(rows, ngroups)](
-        zxbcdt, conv_state, v, sumsq, norm_weight, out,
-        zxbcdt.stride(0), *conv_state.stride(), state_len, eps, d_inner, ngroups * n, group_size, parts_per_group,
-        N=n, BLOCK_D=block_d, BLOCK_PARTS=triton.next_power_of_2(parts_per_group), BLOCK_S=block_s,
-        num_warps=4 if block_d <= 2048 else 8, **launch)
-    return out if out_weight is None else gemv.linear(out, out_weight)
+    _ssm_step_kernel[(rows, h, p_blocks)](zxbcdt, *args[:7], v, sumsq, zxbcdt.stride(0), *args[7:], **consts,
+                                          **launch)
+    return _launch_gated_norm(zxbcdt[:, d_inner:], None, conv_state, v, sumsq, norm_weight, eps, ngroups, n,
+                              out_weight)
 
 
 _ext.register_backend(_mamba2_decode_step, "triton", device_type="cuda", impl=mamba2_decode_step_triton,
                       not_supported_reasons=not_supported_reasons, unavailable_reasons=_triton.unavailable_reasons)
 
 
+# ---- the whole decode block: prologue + in_proj + decode step + out_proj -------------------------
+
+def mamba2_block_step_ref(x: Tensor, residual: Optional[Tensor], x_gate: Optional[Tensor], norm_weight: Tensor,
+                          shift: Tensor, scale: Tensor, in_weight: Tensor, conv_state: Tensor, ssm_state: Tensor,
+                          conv_weight: Tensor, conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor,
+                          mixer_norm_weight: Tensor, eps: float, headdim: int, ngroups: int,
+                          out_weight: Tensor) -> tuple[Tensor, Tensor]:
+    zxbcdt, residual_out = gemv.add_rmsnorm_modulate_linear_ref(x, residual, norm_weight, shift, scale, eps, x_gate,
+                                                                in_weight)
+    out = mamba2_decode_step_ref(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
+                                 mixer_norm_weight, eps, headdim, ngroups, out_weight)
+    return out, residual_out
+
+
+@torch.library.custom_op("aim_kernels::mamba2_block_step", mutates_args=("conv_state", "ssm_state"))
+def _mamba2_block_step(x: Tensor, residual: Optional[Tensor], x_gate: Optional[Tensor], norm_weight: Tensor,
+                       shift: Tensor, scale: Tensor, in_weight: Tensor, conv_state: Tensor, ssm_state: Tensor,
+                       conv_weight: Tensor, conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor,
+                       mixer_norm_weight: Tensor, eps: float, headdim: int, ngroups: int,
+                       out_weight: Tensor) -> tuple[Tensor, Tensor]:
+    out, residual_out = mamba2_block_step_ref(x, residual, x_gate, norm_weight, shift, scale, in_weight, conv_state,
+                                              ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
+                                              mixer_norm_weight, eps, headdim, ngroups, out_weight)
+    return out.contiguous(), residual_out.clone(memory_format=torch.contiguous_format)  # may alias x
+
+
+@_mamba2_block_step.register_fake
+def _(x, residual, x_gate, norm_weight, shift, scale, in_weight, conv_state, ssm_state, conv_weight, conv_bias, A_log,
+      D, dt_bias, mixer_norm_weight, eps, headdim, ngroups, out_weight):
+    return (x.new_empty(x.shape[0], out_weight.shape[0]),
+            x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32)))
+
+
+def block_step_not_supported_reasons(x: Tensor, residual: Optional[Tensor], x_gate: Optional[Tensor],
+                                     norm_weight: Tensor, shift: Tensor, scale: Tensor, in_weight: Tensor,
+                                     conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                                     conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor,
+                                     mixer_norm_weight: Tensor, eps: float, headdim: int, ngroups: int,
+                                     out_weight: Tensor) -> list[str]:
+    """Why the split kernels cannot run these (already validated) inputs; then add_rmsnorm_modulate_linear and
+    mamba2_decode_step run, each on its own backend. The prologue must be fusable into the x/B/C/dt rows."""
+    d_inner = mixer_norm_weight.shape[0]
+    reasons = gemv.add_rmsnorm_modulate_linear_not_supported_reasons(x, residual, norm_weight, shift, scale, eps,
+                                                                     x_gate, in_weight[d_inner:])
+    return reasons + _state_reasons(conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
+                                    mixer_norm_weight, ngroups, out_weight)
+
+
+def _mamba2_block_step_unsplit(x: Tensor, residual: Optional[Tensor], x_gate: Optional[Tensor], norm_weight: Tensor,
+                               shift: Tensor, scale: Tensor, in_weight: Tensor, conv_state: Tensor,
+                               ssm_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], A_log: Tensor,
+                               D: Tensor, dt_bias: Tensor, mixer_norm_weight: Tensor, eps: float, headdim: int,
+                               ngroups: int, out_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The fallback on CUDA: the two ops, each on its own fastest backend."""
+    zxbcdt, residual_out = gemv._add_rmsnorm_modulate_linear(x, residual, norm_weight, shift, scale, eps, x_gate,
+                                                             in_weight)
+    return _mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
+                               mixer_norm_weight, eps, headdim, ngroups, out_weight), residual_out
+
+
+def mamba2_block_step_triton(x: Tensor, residual: Optional[Tensor], x_gate: Optional[Tensor], norm_weight: Tensor,
+                             shift: Tensor, scale: Tensor, in_weight: Tensor, conv_state: Tensor, ssm_state: Tensor,
+                             conv_weight: Tensor, conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor,
+                             dt_bias: Tensor, mixer_norm_weight: Tensor, eps: float, headdim: int, ngroups: int,
+                             out_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The split kernels (see the module docstring), callable on CPU tensors under TRITON_INTERPRET=1 (for tests)."""
+    reasons = block_step_not_supported_reasons(x, residual, x_gate, norm_weight, shift, scale, in_weight, conv_state,
+                                               ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
+                                               mixer_norm_weight, eps, headdim, ngroups, out_weight)
+    if reasons:
+        raise ValueError("the Triton mamba2_block_step cannot run these inputs: " + "; ".join(reasons))
+    rows, d_model = x.shape
+    d_inner, conv_dim, h = mixer_norm_weight.shape[0], conv_weight.shape[0], A_log.shape[0]
+    n = (conv_dim - d_inner) // (2 * ngroups)
+    dev, dtype = x.device, x.dtype
+    residual_out = _empty(rows, d_model, torch.float32, dev)
+    if rows == 0:
+        return x.new_empty(0, out_weight.shape[0]), residual_out
+    # kernel 0: the prologue and in_proj's x, B, C, dt rows, writing the prologue's output for z's GEMV
+    xbcdt = _empty(rows, conv_dim + h, dtype, dev)
+    h_rows = _empty(rows, d_model, dtype, dev)
+    gemv.launch_prologue_gemv(x, residual, norm_weight, shift, scale, eps, x_gate, in_weight[d_inner:], xbcdt,
+                              residual_out, h_rows)
+    # kernel 1: z's GEMV beside the SSM update
+    args, consts, p_blocks = _launch_ssm_step_args(conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
+                                                   rows, h, headdim, n, ngroups)
+    z_weight = in_weight[:d_inner]
+    z = _empty(rows, d_inner, dtype, dev)
+    v = _empty(rows, d_inner, torch.float32, dev)
+    block_n, block_k = gemv.tile_shape(d_model)
+    z_programs = triton.cdiv(d_inner, block_n)
+    _ssm_step_z_kernel[(z_programs + rows * h * p_blocks,)](
+        xbcdt, h_rows, z_weight, z, *args[:7], v, d_model, z_programs, xbcdt.stride(0), h_rows.stride(0),
+        z_weight.stride(0), *args[7:], p_blocks, ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), BLOCK_N=block_n,
+        BLOCK_K=block_k, **consts, **_triton.launch_options(dev))
+    # kernel 2: the gate, the gated RMSNorm and out_proj
+    return _launch_gated_norm(xbcdt, z, conv_state, v, None, mixer_norm_weight, eps, ngroups, n,
+                              out_weight), residual_out
+
+
+_ext.register_backend(_mamba2_block_step, "triton", device_type="cuda", impl=mamba2_block_step_triton,
+                      not_supported_reasons=block_step_not_supported_reasons,
+                      unavailable_reasons=_triton.unavailable_reasons, fallback=_mamba2_block_step_unsplit)
+
+
 # ---- public API --------------------------------------------------------------------------------
 
-def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
-                       conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
-                       eps: float, headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
-    """One Mamba2 decode step from the in_proj output to the out_proj input, or with `out_weight` (the
-    out_proj weight, (d_out, d_inner)) to the mixer output (see the module docstring).
-
-    zxbcdt (R, 2*d_inner + 2*G*N + H); conv_state (R, conv_dim, S) and ssm_state (R, H, P, N) are
-    updated in place; conv_weight (conv_dim, W), W in 2..4; conv_bias (conv_dim,) or None;
-    A_log, D, dt_bias (H,) with A = -exp(A_log); norm_weight (d_inner,). Returns y (R, d_inner), or
-    y @ out_weight.T (R, d_out), in zxbcdt's dtype.
-    """
-    if not isinstance(zxbcdt, Tensor) or zxbcdt.dim() != 2:
-        raise ValueError(f"zxbcdt must be (rows, 2*d_inner + 2*ngroups*d_state + nheads), got "
-                         f"{tuple(zxbcdt.shape) if isinstance(zxbcdt, Tensor) else type(zxbcdt).__name__}")
-    dev = zxbcdt.device
-    check_tensor("zxbcdt", zxbcdt, (None, None), device=dev)
+def _check_step_args(rows: int, dev: torch.device, dtype: torch.dtype, conv_state: Tensor, ssm_state: Tensor,
+                     conv_weight: Tensor, conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor,
+                     norm_weight: Tensor, headdim: int, ngroups: int, out_weight: Optional[Tensor]) -> int:
+    """The checks both ops make of the caches and the mixer's parameters; returns in_proj's out_features."""
     check_tensor("norm_weight", norm_weight, (None,), device=dev)
     d_inner = norm_weight.shape[0]
     if not isinstance(headdim, int) or headdim < 1 or d_inner % headdim:
@@ -384,8 +568,6 @@ def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, co
     if conv_dim <= d_inner or (conv_dim - d_inner) % (2 * ngroups):
         raise ValueError(f"conv_weight has {conv_dim} channels; expected d_inner ({d_inner}) + 2*ngroups*d_state")
     d_state = (conv_dim - d_inner) // (2 * ngroups)
-    rows = zxbcdt.shape[0]
-    check_tensor("zxbcdt", zxbcdt, (rows, d_inner + conv_dim + nheads), device=dev)
     if conv_bias is not None:
         check_tensor("conv_bias", conv_bias, (conv_dim,), device=dev)
     check_tensor("conv_state", conv_state, (rows, conv_dim, None), device=dev)
@@ -394,9 +576,55 @@ def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, co
                          f"at least {width - 1}")
     check_tensor("ssm_state", ssm_state, (rows, nheads, headdim, d_state), device=dev)
     if out_weight is not None:
-        check_tensor("out_weight", out_weight, (None, d_inner), device=dev, dtypes=(zxbcdt.dtype,))
+        check_tensor("out_weight", out_weight, (None, d_inner), device=dev, dtypes=(dtype,))
+    return d_inner + conv_dim + nheads
+
+
+def mamba2_decode_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                       conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                       eps: float, headdim: int, ngroups: int, out_weight: Optional[Tensor] = None) -> Tensor:
+    """One Mamba2 decode step from the in_proj output to the out_proj input, or with `out_weight` (the
+    out_proj weight, (d_out, d_inner)) to the mixer output (see the module docstring).
+
+    zxbcdt (R, 2*d_inner + 2*G*N + H); conv_state (R, conv_dim, S) and ssm_state (R, H, P, N) are
+    updated in place; conv_weight (conv_dim, W), W in 2..4; conv_bias (conv_dim,) or None;
+    A_log, D, dt_bias (H,) with A = -exp(A_log); norm_weight (d_inner,). Returns y (R, d_inner), or
+    y @ out_weight.T (R, d_out), in zxbcdt's dtype.
+    """
+    if not isinstance(zxbcdt, Tensor) or zxbcdt.dim() != 2:
+        raise ValueError(f"zxbcdt must be (rows, 2*d_inner + 2*ngroups*d_state + nheads), got "
+                         f"{tuple(zxbcdt.shape) if isinstance(zxbcdt, Tensor) else type(zxbcdt).__name__}")
+    check_tensor("zxbcdt", zxbcdt, (None, None), device=zxbcdt.device)
+    features = _check_step_args(zxbcdt.shape[0], zxbcdt.device, zxbcdt.dtype, conv_state, ssm_state, conv_weight,
+                                conv_bias, A_log, D, dt_bias, norm_weight, headdim, ngroups, out_weight)
+    check_tensor("zxbcdt", zxbcdt, (zxbcdt.shape[0], features), device=zxbcdt.device)
     return _mamba2_decode_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
                                norm_weight, float(eps), headdim, ngroups, out_weight)
 
 
-__all__ = ["mamba2_decode_step", "mamba2_decode_step_ref", "mamba2_decode_step_triton", "not_supported_reasons"]
+def mamba2_block_step(x: Tensor, residual: Optional[Tensor], x_gate: Optional[Tensor], norm_weight: Tensor,
+                      shift: Tensor, scale: Tensor, in_weight: Tensor, conv_state: Tensor, ssm_state: Tensor,
+                      conv_weight: Tensor, conv_bias: Optional[Tensor], A_log: Tensor, D: Tensor, dt_bias: Tensor,
+                      mixer_norm_weight: Tensor, eps: float, headdim: int, ngroups: int,
+                      out_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """One decode step of an AiM block with a Mamba2 mixer in state form: `add_rmsnorm_modulate_linear` (the
+    prologue and in_proj) then `mamba2_decode_step` with out_proj. Returns (mixer output (R, d_out), residual).
+
+    x, residual, x_gate, shift, scale (R, d_model) as in add_rmsnorm_modulate_linear (norm_weight: the
+    block's RMSNorm); in_weight (2*d_inner + 2*G*N + H, d_model); the rest as in mamba2_decode_step
+    (mixer_norm_weight: its gated RMSNorm). eps serves both norms. On CUDA at few rows, z's rows of in_proj
+    run beside the SSM update (the module docstring); elsewhere the two ops run. Decode-only: no autograd.
+    """
+    gemv.check_prologue_args(x, residual, norm_weight, shift, scale, x_gate, in_weight)
+    features = _check_step_args(x.shape[0], x.device, x.dtype, conv_state, ssm_state, conv_weight, conv_bias, A_log,
+                                D, dt_bias, mixer_norm_weight, headdim, ngroups, out_weight)
+    if out_weight is None:
+        raise ValueError("out_weight (the out_proj weight) is required")
+    check_tensor("in_weight", in_weight, (features, x.shape[1]), device=x.device, dtypes=(x.dtype,))
+    return _mamba2_block_step(x, residual, x_gate, norm_weight, shift, scale, in_weight, conv_state, ssm_state,
+                              conv_weight, conv_bias, A_log, D, dt_bias, mixer_norm_weight, float(eps), headdim,
+                              ngroups, out_weight)
+
+
+__all__ = ["mamba2_block_step", "mamba2_block_step_ref", "mamba2_block_step_triton", "mamba2_decode_step",
+           "mamba2_decode_step_ref", "mamba2_decode_step_triton", "not_supported_reasons"]

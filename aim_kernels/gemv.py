@@ -108,9 +108,10 @@ def not_supported_reasons(x: Tensor, weight: Tensor) -> list[str]:
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xr, stride_wn, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def gemv_program(pid, x_ptr, w_ptr, out_ptr, N, K, stride_xr, stride_wn, ROWS: tl.constexpr,
+                     ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """Program `pid` of the GEMV: out[:, n] (row stride N) for its BLOCK_N output features n."""
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
                     mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
@@ -122,6 +123,12 @@ if triton is not None:
             x = _triton.select_row(xs, i, r)
             y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
             tl.store(out_ptr + r * N + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xr, stride_wn, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        gemv_program(tl.program_id(0), x_ptr, w_ptr, out_ptr, N, K, stride_xr, stride_wn, ROWS, ROWS_PAD, BLOCK_N,
+                     BLOCK_K, PDL)
 
 
     @triton.jit
@@ -263,11 +270,12 @@ def _add_rmsnorm_modulate_then_linear(x: Tensor, residual: Optional[Tensor], nor
 if triton is not None:
     @triton.jit
     def _prologue_gemv_kernel(x_ptr, res_ptr, gate_ptr, norm_w_ptr, shift_ptr, scale_ptr, w_ptr, out_ptr, res_out_ptr,
-                              N, K, eps, stride_x, stride_res, stride_gate, stride_shift, stride_scale, stride_wn,
-                              ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                              HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              PDL: tl.constexpr):
-        """Every row's inputs are loaded at once, before any block-wide reduction (see _triton.select_row)."""
+                              h_ptr, N, K, eps, stride_x, stride_res, stride_gate, stride_shift, stride_scale,
+                              stride_wn, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                              HAS_GATE: tl.constexpr, WRITE_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """Every row's inputs are loaded at once, before any block-wide reduction (see _triton.select_row).
+        Program 0 writes the residual and, with WRITE_H, the prologue's output h (rows of K)."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
@@ -289,11 +297,32 @@ if triton is not None:
             tl.store(res_out_ptr + i[:, None] * K + k[None, :], res, mask=m)
         rstd = 1.0 / tl.sqrt(tl.sum(res * res, axis=1) / K + eps)  # every row in one reduction
         h = res * rstd[:, None] * norm_w[None, :] * (1.0 + scale) + shift
-        h = h.to(x_ptr.dtype.element_ty).to(tl.float32)  # as the unfused op rounds it
+        h = h.to(x_ptr.dtype.element_ty)  # as the unfused op rounds it
+        if WRITE_H:
+            if pid == 0:
+                tl.store(h_ptr + i[:, None] * K + k[None, :], h, mask=m)
+        h = h.to(tl.float32)
         for r in tl.static_range(ROWS):
             h_r = _triton.select_row(h, i, r)
             y = tl.sum(w.to(tl.float32) * h_r[None, :], axis=1)
             tl.store(out_ptr + r * N + n, y.to(out_ptr.dtype.element_ty), mask=n < N)
+
+
+def launch_prologue_gemv(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor, scale: Tensor,
+                         eps: float, x_gate: Optional[Tensor], weight: Tensor, out: Tensor, residual_out: Tensor,
+                         h: Optional[Tensor] = None) -> None:
+    """The fused prologue + GEMV kernel on checked inputs (rows >= 1): out = h @ weight.T, residual_out, and
+    h itself when given (contiguous, x's dtype)."""
+    rows, k = x.shape
+    block_n, block_k = tile_shape(k)
+    _prologue_gemv_kernel[(triton.cdiv(weight.shape[0], block_n),)](
+        x, residual if residual is not None else x, x_gate if x_gate is not None else x, norm_weight, shift, scale,
+        weight, out, residual_out, h if h is not None else out, weight.shape[0], k, eps, x.stride(0),
+        residual.stride(0) if residual is not None else 0, x_gate.stride(0) if x_gate is not None else 0,
+        shift.stride(0), scale.stride(0), weight.stride(0),
+        ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), HAS_RESIDUAL=residual is not None,
+        HAS_GATE=x_gate is not None, WRITE_H=h is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
+        **_triton.launch_options(x.device))
 
 
 def add_rmsnorm_modulate_linear_triton(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
@@ -311,14 +340,7 @@ def add_rmsnorm_modulate_linear_triton(x: Tensor, residual: Optional[Tensor], no
     residual_out = _alloc_output(rows, k, torch.float32, x.device)
     if rows == 0 or n == 0:
         return out, residual_out
-    block_n, block_k = tile_shape(k)
-    _prologue_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, residual if residual is not None else x, x_gate if x_gate is not None else x, norm_weight, shift, scale,
-        weight, out, residual_out, n, k, eps, x.stride(0), residual.stride(0) if residual is not None else 0,
-        x_gate.stride(0) if x_gate is not None else 0, shift.stride(0), scale.stride(0), weight.stride(0),
-        ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), HAS_RESIDUAL=residual is not None,
-        HAS_GATE=x_gate is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
-        **_triton.launch_options(x.device))
+    launch_prologue_gemv(x, residual, norm_weight, shift, scale, eps, x_gate, weight, out, residual_out)
     return out, residual_out
 
 
@@ -340,14 +362,9 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return _linear(x, weight)
 
 
-def add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
-                                scale: Tensor, eps: float, x_gate: Optional[Tensor], weight: Tensor,
-                                x_mean_sq: Optional[Tensor] = None, x_eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """A decode block's prologue and in_proj: (h @ weight.T, r) for (h, r) = add_rmsnorm_modulate(x, ...).
-
-    x, residual, shift, scale, x_gate (rows, dim); weight (out_features, dim); x_mean_sq (rows, parts)
-    float32, x_eps: x's deferred normalisation (see aim_kernels.norm). Decode-only: no autograd.
-    """
+def check_prologue_args(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor, scale: Tensor,
+                        x_gate: Optional[Tensor], weight: Tensor) -> None:
+    """The argument checks of `add_rmsnorm_modulate_linear` (also the start of a decode block's)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError("x must be a (rows, dim) tensor")
     dev = x.device
@@ -357,6 +374,18 @@ def add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weig
             check_tensor(name, t, tuple(x.shape), device=dev)
     check_tensor("norm_weight", norm_weight, (x.shape[1],), device=dev)
     check_tensor("weight", weight, (None, x.shape[1]), device=dev, dtypes=(x.dtype,))
+
+
+def add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,
+                                scale: Tensor, eps: float, x_gate: Optional[Tensor], weight: Tensor,
+                                x_mean_sq: Optional[Tensor] = None, x_eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """A decode block's prologue and in_proj: (h @ weight.T, r) for (h, r) = add_rmsnorm_modulate(x, ...).
+
+    x, residual, shift, scale, x_gate (rows, dim); weight (out_features, dim); x_mean_sq (rows, parts)
+    float32, x_eps: x's deferred normalisation (see aim_kernels.norm). Decode-only: no autograd.
+    """
+    check_prologue_args(x, residual, norm_weight, shift, scale, x_gate, weight)
+    dev = x.device
     if x_mean_sq is not None:
         check_tensor("x_mean_sq", x_mean_sq, (x.shape[0], None), device=dev, dtypes=(torch.float32, torch.float64))
     return _add_rmsnorm_modulate_linear(x, residual, norm_weight, shift, scale, float(eps), x_gate, weight,

@@ -64,12 +64,12 @@ def cloned(inp, dtype=None, state_dtype=None, device=None):
 
 def poisoned_outputs(monkeypatch):
     """Make the kernel's output and scratch buffers start as NaN."""
-    alloc = decode._alloc_outputs
+    alloc = decode._empty
 
     def nan_alloc(*a, **k):
-        return tuple(t.fill_(float("nan")) for t in alloc(*a, **k))
+        return alloc(*a, **k).fill_(float("nan"))
 
-    monkeypatch.setattr(decode, "_alloc_outputs", nan_alloc)
+    monkeypatch.setattr(decode, "_empty", nan_alloc)
 
 
 # ---- reference -----------------------------------------------------------------------------------
