@@ -107,15 +107,20 @@ class Mamba2Mixer(nn.Module):
                               D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         return self._out(y.flatten(-2), z)
 
-    def step(self, zxbcdt: Tensor, cache: Union[StateCache, ReplayCache]) -> tuple[Tensor, Optional[Tensor]]:
-        """One token from its in_proj output (batch, in_proj features); updates the cache in place.
+    def block_step(self, hidden: Tensor, residual: Optional[Tensor], hidden_gate: Optional[Tensor],
+                   norm_weight: Tensor, shift: Tensor, scale: Tensor, cache: StateCache) -> tuple[Tensor, Tensor]:
+        """State form: the block's prologue (see Block.step) and this mixer's step as one op, from the block's
+        input to (output, residual); updates the cache in place."""
+        return ak.mamba2_block_step(hidden, residual, hidden_gate, norm_weight, shift, scale, self.in_proj.weight,
+                                    cache.conv_state, cache.ssm_state, self.conv1d.weight.squeeze(1),
+                                    self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight, NORM_EPS,
+                                    self.headdim, self.ngroups, self.out_proj.weight)
 
-        Returns (output, None), or in the replay form with one norm group (output, mean_sq): the output
-        before its gated RMSNorm's 1/rms, which the next prologue applies (out_proj is linear)."""
-        if isinstance(cache, StateCache):
-            return ak.mamba2_decode_step(zxbcdt, cache.conv_state, cache.ssm_state, self.conv1d.weight.squeeze(1),
-                                         self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm.weight,
-                                         NORM_EPS, self.headdim, self.ngroups, self.out_proj.weight), None
+    def step(self, zxbcdt: Tensor, cache: ReplayCache) -> tuple[Tensor, Optional[Tensor]]:
+        """Replay form: one token from its in_proj output (batch, in_proj features); updates the cache in place.
+
+        Returns (output, None), or with one norm group (output, mean_sq): the output before its gated
+        RMSNorm's 1/rms, which the next prologue applies (out_proj is linear)."""
         z, xBC, dt = self._split(zxbcdt)
         args = (xBC, dt, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.A, self.D,
                 self.dt_bias, cache.hist_x, cache.hist_B, cache.hist_dt, cache.hist_cum, cache.step)
@@ -230,22 +235,18 @@ class Block(nn.Module):
 
     def step(self, hidden: Tensor, hidden_gate: Optional[Tensor], residual: Optional[Tensor], modulation: Tensor,
              cache: tuple, hidden_mean_sq: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """`forward` for one token (hidden (batch, d)), the mixer taking a recurrent step; the prologue and
-        the mixer's in_proj are one op (one kernel at few rows). hidden_mean_sq: the previous mixer's
-        deferred norm (Mamba2Mixer.step), returned likewise for this block's output."""
+        """`forward` for one token (hidden (batch, d)), the mixer taking a recurrent step. A Mamba2 mixer in
+        state form runs the whole block as one op (`mamba2_block_step`); otherwise the prologue and in_proj
+        are one op (one kernel at few rows). hidden_mean_sq: the previous mixer's deferred norm
+        (Mamba2Mixer.step), returned likewise for this block's output."""
         shift, scale, gate = modulation.unbind(1)
-        mixer = self.mixer
-        if isinstance(mixer, Mamba2Mixer) and isinstance(cache, StateCache):  # the whole block as one op
-            h, residual = ak.mamba2_block_step(hidden, residual, hidden_gate, self.norm.weight, shift, scale,
-                                               mixer.in_proj.weight, cache.conv_state, cache.ssm_state,
-                                               mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.A_log,
-                                               mixer.D, mixer.dt_bias, mixer.norm.weight, NORM_EPS, mixer.headdim,
-                                               mixer.ngroups, mixer.out_proj.weight)
+        if isinstance(self.mixer, Mamba2Mixer) and isinstance(cache, StateCache):
+            h, residual = self.mixer.block_step(hidden, residual, hidden_gate, self.norm.weight, shift, scale, cache)
             return h, gate, residual, None
         projected, residual = ak.add_rmsnorm_modulate_linear(hidden, residual, self.norm.weight, shift, scale,
-                                                             NORM_EPS, hidden_gate, mixer.in_proj.weight,
+                                                             NORM_EPS, hidden_gate, self.mixer.in_proj.weight,
                                                              hidden_mean_sq, NORM_EPS)
-        h, h_mean_sq = mixer.step(projected, cache)
+        h, h_mean_sq = self.mixer.step(projected, cache)
         return h, gate, residual, h_mean_sq
 
 

@@ -24,6 +24,20 @@ The Triton backend (CUDA, or CPU tensors under TRITON_INTERPRET=1 through
    tile, prefetched before the wait), and its first programs shift the B/C windows: one launch and
    one round trip of y fewer.
 
+`mamba2_block_step` is a whole decode block in state form: `add_rmsnorm_modulate_linear` (the block's
+residual add + RMSNorm + adaLN modulate, and in_proj) then this op with out_proj. At few rows its Triton
+backend splits in_proj by consumer, since the SSM update needs x, B, C and dt but not z (first read by the
+gated norm):
+0. the prologue fused into the GEMV of in_proj's x/B/C/dt rows; program 0 also writes the prologue's
+   output h (`gemv.launch_prologue_gemv`);
+1. one launch whose first programs are a GEMV of in_proj's z rows over h (weights loaded before the PDL
+   wait) and the rest kernel 1 above, writing y ungated: z's weights stream while the SSM update, a
+   latency-bound grid of a few hundred programs, runs;
+2. kernel 2 above, applying the gate y * silu(z) before the norm.
+Where the prologue cannot be fused (AiM-XL: `gemv.MAX_RECOMPUTE_RATIO`) the two ops run instead. H100, end
+to end at batch 1 (scripts/ab_generate.py): AiM-B bf16 1.04x, AiM-L bf16 1.02x, AiM-B fp32 1.21x, AiM-L fp32
+1.23x; AiM-B bf16 batch 2 1.07x.
+
 Per step this moves the state once in and once out (the official selective_state_update does the
 same), plus O(R * (d_inner + G*N)) bytes for the rest; the unfused path adds the xBC, y and z
 round trips and three more launches.
@@ -615,7 +629,7 @@ def mamba2_block_step(x: Tensor, residual: Optional[Tensor], x_gate: Optional[Te
     (mixer_norm_weight: its gated RMSNorm). eps serves both norms. On CUDA at few rows, z's rows of in_proj
     run beside the SSM update (the module docstring); elsewhere the two ops run. Decode-only: no autograd.
     """
-    gemv.check_prologue_args(x, residual, norm_weight, shift, scale, x_gate, in_weight)
+    gemv.check_prologue_args(x, residual, norm_weight, shift, scale, x_gate, in_weight, "in_weight")
     features = _check_step_args(x.shape[0], x.device, x.dtype, conv_state, ssm_state, conv_weight, conv_bias, A_log,
                                 D, dt_bias, mixer_norm_weight, headdim, ngroups, out_weight)
     if out_weight is None:

@@ -363,7 +363,7 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def check_prologue_args(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor, scale: Tensor,
-                        x_gate: Optional[Tensor], weight: Tensor) -> None:
+                        x_gate: Optional[Tensor], weight: Tensor, weight_name: str = "weight") -> None:
     """The argument checks of `add_rmsnorm_modulate_linear` (also the start of a decode block's)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError("x must be a (rows, dim) tensor")
@@ -373,7 +373,7 @@ def check_prologue_args(x: Tensor, residual: Optional[Tensor], norm_weight: Tens
         if t is not None or name in ("shift", "scale"):
             check_tensor(name, t, tuple(x.shape), device=dev)
     check_tensor("norm_weight", norm_weight, (x.shape[1],), device=dev)
-    check_tensor("weight", weight, (None, x.shape[1]), device=dev, dtypes=(x.dtype,))
+    check_tensor(weight_name, weight, (None, x.shape[1]), device=dev, dtypes=(x.dtype,))
 
 
 def add_rmsnorm_modulate_linear(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, shift: Tensor,

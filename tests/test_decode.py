@@ -303,3 +303,160 @@ def test_triton_gpu_steps(ngroups, state_len):
     assert rel_err(inp["ssm_state"], ref["ssm_state"]) < 1e-5
     assert torch.equal(inp["conv_state"].cpu().double(), ref["conv_state"])
 
+
+
+# ---- the whole decode block (mamba2_block_step) ------------------------------------------------------
+
+BLOCK_NAMES = ("x", "residual", "x_gate", "block_norm_weight", "shift", "scale", "in_weight", "conv_state",
+               "ssm_state", "conv_weight", "conv_bias", "A_log", "D", "dt_bias", "norm_weight", "eps", "headdim",
+               "ngroups", "out_weight")
+
+
+def make_block_inputs(rows, d_model, nheads, headdim, d_state, ngroups, width, state_len, dtype=torch.float32,
+                      state_dtype=torch.float32, device="cpu", bias=True, residual=True, gate=True):
+    """A block's step inputs: the mixer's from make_inputs, the prologue's as the model passes them (a float32
+    residual, shift and scale as strided views of one modulation tensor)."""
+    inp = make_inputs(rows, nheads, headdim, d_state, ngroups, width, state_len, dtype, state_dtype, device, bias)
+    features = inp.pop("zxbcdt").shape[1]
+    d_inner = nheads * headdim
+    mod = 0.1 * torch.randn(rows, 3, d_model, device=device)
+    return dict(inp, x=torch.randn(rows, d_model, device=device).to(dtype),
+                residual=torch.randn(rows, d_model, device=device) if residual else None,
+                x_gate=(1 + 0.1 * torch.randn(rows, d_model, device=device)).to(dtype) if gate else None,
+                block_norm_weight=(1 + 0.1 * torch.randn(d_model, device=device)).to(dtype),
+                shift=mod[:, 0].to(dtype), scale=mod.to(dtype)[:, 1],
+                in_weight=(torch.randn(features, d_model, device=device) / d_model ** 0.5).to(dtype),
+                out_weight=(torch.randn(d_model, d_inner, device=device) / d_inner ** 0.5).to(dtype))
+
+
+def block_args(inp):
+    return [inp[k] for k in BLOCK_NAMES]
+
+
+def test_block_step_is_the_two_ops():
+    inp = cloned(make_block_inputs(3, 24, 2, 8, 16, 1, 4, 3), torch.float64, torch.float64)
+    two = cloned(inp)
+    out, residual = ak.mamba2_block_step(*block_args(inp))
+    zxbcdt, residual_two = ak.add_rmsnorm_modulate_linear(two["x"], two["residual"], two["block_norm_weight"],
+                                                          two["shift"], two["scale"], 1e-5, two["x_gate"],
+                                                          two["in_weight"])
+    out_two = ak.mamba2_decode_step(zxbcdt, *[two[k] for k in BLOCK_NAMES[7:]])
+    assert torch.equal(out, out_two) and torch.equal(residual, residual_two)
+    assert torch.equal(inp["ssm_state"], two["ssm_state"]) and torch.equal(inp["conv_state"], two["conv_state"])
+
+
+def test_block_step_opcheck():
+    torch.library.opcheck(decode._mamba2_block_step, block_args(make_block_inputs(2, 24, 2, 8, 8, 1, 4, 3)))
+    inp = make_block_inputs(1, 16, 4, 8, 8, 2, 3, 3, bias=False, residual=False, gate=False)
+    torch.library.opcheck(decode._mamba2_block_step, block_args(inp))
+
+
+def test_block_step_rejects_bad_inputs():
+    inp = make_block_inputs(2, 24, 2, 8, 8, 1, 4, 3)
+    with pytest.raises(ValueError, match="in_weight"):
+        ak.mamba2_block_step(*block_args(dict(inp, in_weight=inp["in_weight"][:-1])))
+    with pytest.raises(ValueError, match="out_weight"):
+        ak.mamba2_block_step(*block_args(dict(inp, out_weight=None)))
+    with pytest.raises(ValueError, match="shift"):
+        ak.mamba2_block_step(*block_args(dict(inp, shift=inp["shift"][:, :-1])))
+    with pytest.raises(ValueError, match="conv_state"):
+        ak.mamba2_block_step(*block_args(dict(inp, conv_state=inp["conv_state"][:1])))
+    with pytest.raises(TypeError, match="in_weight"):
+        ak.mamba2_block_step(*block_args(dict(inp, in_weight=inp["in_weight"].double())))
+
+
+def test_block_step_not_supported_reasons():
+    inp = make_block_inputs(9, 24, 2, 8, 8, 1, 4, 3)
+    assert any("9 rows" in r for r in decode.block_step_not_supported_reasons(*block_args(inp)))
+    inp = make_block_inputs(2, 24, 2, 12, 8, 1, 4, 3)
+    assert any("power of two" in r for r in decode.block_step_not_supported_reasons(*block_args(inp)))
+
+
+def check_block(inp, tol, device):
+    """The block step on a copy of `inp` (on `device`: the Triton path on CPU, the registered op on CUDA)
+    against the float64 reference: output, residual and both caches."""
+    ref = cloned(inp, torch.float64, torch.float64, device="cpu")
+    out_ref, residual_ref = decode.mamba2_block_step_ref(*block_args(ref))
+    run = cloned(inp, device=device)
+    if device == "cpu":
+        out, residual = decode.mamba2_block_step_triton(*block_args(run))
+    else:
+        out, residual = ak.mamba2_block_step(*block_args(run))
+    assert out.dtype == inp["x"].dtype and out.shape == out_ref.shape and residual.dtype == torch.float32
+    assert not out.isnan().any()
+    assert rel_err(out, out_ref) < tol
+    assert rel_err(residual, residual_ref) < 1e-6
+    state_tol = 1e-2 if inp["ssm_state"].dtype == torch.bfloat16 else min(tol, 1e-3)  # x, B, dt: model dtype
+    assert rel_err(run["ssm_state"], ref["ssm_state"]) < state_tol
+    # the windows hold in_proj's outputs, rounded to the model dtype
+    assert rel_err(run["conv_state"], ref["conv_state"]) < (1e-6 if inp["x"].dtype == torch.float32 else tol)
+
+
+# (rows, d_model, nheads, headdim, d_state, ngroups, width, state_len, dtype, bias, residual, gate)
+BLOCK_CASES = [
+    (1, 37, 3, 16, 16, 1, 4, 3, torch.float32, True, True, True),
+    (2, 40, 2, 16, 32, 1, 2, 1, torch.float32, False, False, False),
+    (3, 24, 4, 8, 16, 2, 3, 5, torch.float32, True, True, False),  # two norm groups: the unfused norm + GEMV
+    (2, 33, 2, 16, 16, 1, 4, 3, torch.float16, True, True, True),
+]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_block_step_triton_interpreter(case, monkeypatch):
+    if not _triton.interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    *sizes, dtype, bias, residual, gate = case
+    poisoned_outputs(monkeypatch)
+    inp = make_block_inputs(*sizes, dtype=dtype, bias=bias, residual=residual, gate=gate)
+    assert decode.block_step_not_supported_reasons(*block_args(inp)) == []
+    check_block(inp, TOL[dtype], "cpu")
+
+
+def test_block_step_triton_interpreter_bf16_state(monkeypatch):
+    if not _triton.interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    poisoned_outputs(monkeypatch)
+    check_block(make_block_inputs(2, 24, 2, 16, 32, 1, 4, 3, state_dtype=torch.bfloat16), 1e-5, "cpu")
+
+
+def test_block_step_triton_interpreter_nan_fails(monkeypatch):
+    if not _triton.interpreting():
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    inp = make_block_inputs(1, 24, 2, 16, 16, 1, 4, 3)
+    inp["in_weight"][0, 0] = float("nan")  # a z row: only the gate reads it
+    with pytest.raises(AssertionError):
+        check_block(inp, 1e-5, "cpu")
+
+
+# (d_model, nheads) of AiM-B, AiM-L, AiM-XL; AiM-XL's prologue is not fused (then the two ops run)
+BLOCK_GPU_CASES = [(d, h, rows, dtype, state_dtype) for d, h in ((768, 24), (1024, 32), (1536, 48)) for rows in (1, 2, 4)
+                   for dtype in (torch.float32, torch.bfloat16) for state_dtype in (torch.float32, torch.bfloat16)
+                   if state_dtype == torch.float32 or rows == 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", BLOCK_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_block_step_gpu(case, monkeypatch):
+    d, h, rows, dtype, state_dtype = case
+    poisoned_outputs(monkeypatch)
+    inp = make_block_inputs(rows, d, h, 64, 128, 1, 4, 3, dtype=dtype, state_dtype=state_dtype, device="cuda")
+    split = not decode.block_step_not_supported_reasons(*block_args(inp))
+    if rows == 2:  # batch 1 with guidance: split for AiM-B/L, the two ops for AiM-XL
+        assert split == (d < 1536), decode.block_step_not_supported_reasons(*block_args(inp))
+    assert _ext.backend_for(decode._mamba2_block_step, *block_args(inp)) == ("triton" if split else "reference")
+    check_block(inp, TOL[dtype], "cuda")
+
+
+@pytest.mark.gpu
+def test_block_step_gpu_steps():
+    """20 steps in a row on the GPU stay with the float64 reference (AiM-B sizes, fp32, 2 rows)."""
+    inp = make_block_inputs(2, 768, 24, 64, 128, 1, 4, 3, device="cuda")
+    ref = cloned(inp, torch.float64, torch.float64, device="cpu")
+    for _ in range(20):
+        x = torch.randn_like(inp["x"])
+        inp["x"], ref["x"] = x, x.double().cpu()
+        out, inp["residual"] = ak.mamba2_block_step(*block_args(inp))
+        out_ref, ref["residual"] = decode.mamba2_block_step_ref(*block_args(ref))
+        assert rel_err(out, out_ref) < 1e-5
+    assert rel_err(inp["ssm_state"], ref["ssm_state"]) < 1e-5
+    assert rel_err(inp["conv_state"], ref["conv_state"]) < 1e-6
