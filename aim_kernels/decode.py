@@ -327,13 +327,14 @@ if triton is not None:
         # every row's inputs at once, before any block-wide reduction (see _triton.select_row)
         i = tl.arange(0, ROWS_PAD)
         m = (i[:, None] < ROWS) & (k[None, :] < D_INNER)
-        v = tl.load(v_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0)
         if Z_GATE:
+            v = tl.load(v_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0)
             z = tl.load(z_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0).to(tl.float32)
-        else:
+        else:  # (the partials first: loaded after v, Triton lays the tiles out with 60 more barriers, sm_90)
             j = tl.arange(0, BLOCK_PARTS)
             parts = tl.load(sumsq_ptr + i[:, None] * N_PARTS + j[None, :],
                             mask=(i[:, None] < ROWS) & (j[None, :] < N_PARTS), other=0.0)
+            v = tl.load(v_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0)
         # kernel 1 (every reader of the B/C conv windows) is done: shift them, one program per row (here,
         # so their loads go out with the others)
         for r in range(pid, ROWS, tl.num_programs(0)):

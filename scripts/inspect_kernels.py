@@ -78,18 +78,28 @@ def main() -> None:
     bn_in, bk_in = gemv.tile_shape(d_model)
     bn_out, bk_out = gemv.tile_shape(d_inner)
     rows = dict(ROWS=2, ROWS_PAD=2, PDL=True)
+    ssm = dict(P=64, N=128, W=4, P_PER_PROGRAM=16, BLOCK_P=16, BLOCK_S=4, HAS_BIAS=True, PDL=True)
     kernels = {
         "prologue + in_proj GEMV": (gemv._prologue_gemv_kernel, {"res_ptr": fp32, "res_out_ptr": fp32},
-                                    dict(rows, HAS_RESIDUAL=True, HAS_GATE=True, BLOCK_N=bn_in, BLOCK_K=bk_in)),
+                                    dict(rows, HAS_RESIDUAL=True, HAS_GATE=True, WRITE_H=False, BLOCK_N=bn_in,
+                                         BLOCK_K=bk_in)),
         "SSM step": (decode._ssm_step_kernel, {"ssm_state_ptr": fp32, "A_log_ptr": fp32, "v_ptr": fp32,
-                                              "sumsq_ptr": fp32},
-                     dict(P=64, N=128, W=4, P_PER_PROGRAM=16, BLOCK_P=16, BLOCK_S=4, HAS_BIAS=True, PDL=True)),
+                                              "sumsq_ptr": fp32}, ssm),
         "gated norm + out_proj GEMV": (decode._norm_shift_out_kernel, {"v_ptr": fp32, "sumsq_ptr": fp32},
                                        dict(rows, N=128, BLOCK_N=bn_out, BLOCK_K=bk_out, BLOCK_PARTS=128,
-                                            BLOCK_S=4)),
+                                            BLOCK_S=4, Z_GATE=False)),
+        "block: prologue + x/B/C/dt GEMV": (gemv._prologue_gemv_kernel, {"res_ptr": fp32, "res_out_ptr": fp32},
+                                            dict(rows, HAS_RESIDUAL=True, HAS_GATE=True, WRITE_H=True,
+                                                 BLOCK_N=bn_in, BLOCK_K=bk_in)),
+        "block: z GEMV + SSM step": (decode._ssm_step_z_kernel, {"ssm_state_ptr": fp32, "A_log_ptr": fp32,
+                                                                "v_ptr": fp32}, dict(ssm, ROWS=2, ROWS_PAD=2,
+                                                                                     BLOCK_N=bn_in, BLOCK_K=bk_in)),
+        "block: gate + norm + out_proj GEMV": (decode._norm_shift_out_kernel, {"v_ptr": fp32, "sumsq_ptr": fp32},
+                                               dict(rows, N=128, BLOCK_N=bn_out, BLOCK_K=bk_out, BLOCK_PARTS=1,
+                                                    BLOCK_S=4, Z_GATE=True)),
         "GEMV (lm_head, unfused projections)": (gemv._gemv_kernel, {}, dict(rows, BLOCK_N=bn_in, BLOCK_K=bk_in)),
         "gated norm (unfused)": (decode._norm_shift_kernel, {"v_ptr": fp32, "sumsq_ptr": fp32},
-                                 dict(N=128, BLOCK_D=4096, BLOCK_PARTS=256, BLOCK_S=4, PDL=True)),
+                                 dict(N=128, BLOCK_D=4096, BLOCK_PARTS=256, BLOCK_S=4, Z_GATE=False, PDL=True)),
         "block prologue (unfused)": (norm._add_rmsnorm_modulate_kernel, {"R": fp32, "ROUT": fp32, "MS": fp32},
                                      dict(HAS_RESIDUAL=True, HAS_MOD=True, HAS_GATE=True, HAS_MS=True, BLOCK=2048,
                                           BLOCK_MS=32, PDL=True)),
