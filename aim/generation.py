@@ -35,9 +35,12 @@ REPLAY_MIN_ROWS = 32
 # block reads every weight, which pays only while the second stream finds a layer's weights in L2 (H200
 # batch 1: AiM-B fp32, 15 MB of weights per layer, 0.99x; AiM-L fp32, 26 MB, 0.94x; AiM-XL bf16, 29 MB,
 # 0.84x). More rows do not pay: batch 8 0.97x (H100), batch 16 0.98x, two or four blocks of 128 rows
-# 0.74-0.95x (H200).
+# 0.74-0.95x (H200). At 2 rows the block step already runs in_proj's z rows beside the SSM update
+# (aim_kernels.mamba2_block_step), and one stream is as fast or faster from AiM-L's 13 MB on (H100, batch 1:
+# one stream against two, AiM-B bf16 0.99x, AiM-L bf16 1.15x; at batch 2 and 4 two streams stay 1.15-1.22x).
 ROW_STREAMS_MAX_ROWS = 8
 ROW_STREAMS_MAX_WEIGHT_BYTES = 14 * 10 ** 6
+ROW_STREAMS_MAX_WEIGHT_BYTES_2_ROWS = 10 * 10 ** 6
 STEPS_PER_GRAPH = 16
 
 
@@ -81,7 +84,8 @@ def step_weight_bytes(model) -> int:
 
 def row_streams(model, rows: int, device: torch.device) -> int:
     """How many row blocks, each on its own CUDA stream, a decode step runs as (1: the whole batch)."""
-    split = 1 < rows <= ROW_STREAMS_MAX_ROWS and step_weight_bytes(model) <= ROW_STREAMS_MAX_WEIGHT_BYTES
+    max_bytes = ROW_STREAMS_MAX_WEIGHT_BYTES_2_ROWS if rows == 2 else ROW_STREAMS_MAX_WEIGHT_BYTES
+    split = 1 < rows <= ROW_STREAMS_MAX_ROWS and step_weight_bytes(model) <= max_bytes
     return 2 if device.type == "cuda" and split else 1
 
 

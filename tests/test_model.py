@@ -164,11 +164,11 @@ def test_steps_in_row_blocks_decode_the_same(monkeypatch, form, cfg_scale, batch
 
 
 @pytest.mark.parametrize("preset,dtype,rows,streams", [
-    ("AiM-B", torch.bfloat16, 2, 2), ("AiM-L", torch.bfloat16, 2, 2), ("AiM-B", torch.float32, 2, 1),
-    ("AiM-XL", torch.bfloat16, 2, 1), ("AiM-B", torch.bfloat16, 1, 1), ("AiM-B", torch.bfloat16, 8, 2),
-    ("AiM-B", torch.bfloat16, 16, 1)])
+    ("AiM-B", torch.bfloat16, 2, 2), ("AiM-L", torch.bfloat16, 2, 1), ("AiM-L", torch.bfloat16, 4, 2),
+    ("AiM-B", torch.float32, 2, 1), ("AiM-XL", torch.bfloat16, 2, 1), ("AiM-B", torch.bfloat16, 1, 1),
+    ("AiM-B", torch.bfloat16, 8, 2), ("AiM-B", torch.bfloat16, 16, 1)])
 def test_row_streams_only_where_measured_faster(preset, dtype, rows, streams):
-    """2-8 rows split over two streams, only on CUDA and while a block's weights are small."""
+    """2-8 rows split over two streams, only on CUDA and while a block's weights are small (smaller at 2 rows)."""
     from aim import generation
     with torch.device("meta"):
         model = AiM(AiMConfig.from_preset(preset)).to(dtype)
