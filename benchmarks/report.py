@@ -243,6 +243,28 @@ def decode_step_section(gpu: str, rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def block_step_section(gpu: str, rows: list[dict]) -> list[str]:
+    """One block's decode step at batch 1: the block step op against the two ops it replaced."""
+    lines = [f"### {gpu}", "",
+             _run_header(rows) +
+             "One AiM block, state form, from the block's input to its mixer's output (`mamba2_block_step` against "
+             "`add_rmsnorm_modulate_linear` + `mamba2_decode_step`). Device time per layer over a chain of 20 calls on "
+             "distinct layers' weights in one CUDA graph (median). Bytes: the layer's in_proj and out_proj weights, "
+             "the fp32 SSM state read and written, the step's I/O.", "",
+             "| model | weights | rows | block step us | two ops us | speed-up | GB/s (block step) | % copy (measured) |",
+             "|---|---|---|---|---|---|---|---|"]
+    by = {(r["model"], r["dtype"], r["shape"]["rows"], r["backend"]): r for r in rows if r["case"] == "block"}
+    for (model, dtype, n_rows, path), b in by.items():
+        if path != "block step":
+            continue
+        two = by.get((model, dtype, n_rows, "two ops"))
+        two_us = f"{two['median_us']:.2f}" if two else "-"
+        speedup = f"**{two['median_us'] / b['median_us']:.2f}x**" if two else "-"
+        lines.append(f"| {model} | {dtype} | {n_rows} | {b['median_us']:.2f} | {two_us} | {speedup} | {b['gbps']:.0f} | "
+                     f"{100 * b['frac_copy_measured']:.0f}% |")
+    return lines + [""]
+
+
 def latest_per_config(rows: list[dict]) -> list[dict]:
     """The latest "tokens" row of each (model, weights, batch), from whichever run measured it last."""
     best = {}
@@ -308,6 +330,11 @@ def render(rows: list[dict], plot_dir: Path) -> str:
         lines += ["## Decode step (one layer, batch 64)", ""]
     for gpu, rr in sorted(steps.items()):
         lines += decode_step_section(gpu, rr)
+    blocks = {gpu: r for (k, gpu), r in runs.items() if k == "block_step"}
+    if blocks:
+        lines += ["## Decode block (one layer, batch 1)", ""]
+    for gpu, rr in sorted(blocks.items()):
+        lines += block_step_section(gpu, rr)
     conv = {gpu: r for (k, gpu), r in runs.items() if k == "causal_conv1d"}
     lines += ["## causal conv1d", ""]
     if not conv:
