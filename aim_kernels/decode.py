@@ -147,11 +147,6 @@ def _p_per_program(rows: int, nheads: int, headdim: int) -> int:
     return block
 
 
-def _empty(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every output and scratch buffer of the Triton paths (the tests poison them through this)."""
-    return torch.empty(rows, cols, dtype=dtype, device=device)
-
-
 if triton is not None:
     @triton.jit
     def _conv_silu(xbc_ptr, state_ptr, w_ptr, b_ptr, c, S, stride_cc, stride_cs, stride_wc, stride_wk,
@@ -371,22 +366,22 @@ def fused_out_reasons(rows: int, d_inner: int, ngroups: int, out_weight: Tensor,
                                             out_weight.element_size())
 
 
-def _launch_ssm_step_args(conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                          A_log: Tensor, D: Tensor, dt_bias: Tensor, rows: int, h: int, p: int, n: int,
-                          ngroups: int) -> tuple[tuple, dict, int]:
-    """Kernel 1's parameter tensors, strides and constexprs shared by both ops; and its P-blocks per head."""
+def _ssm_step_args(conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                   A_log: Tensor, D: Tensor, dt_bias: Tensor, rows: int, h: int, p: int, n: int,
+                   ngroups: int) -> tuple[tuple, tuple, dict, int]:
+    """Kernel 1's arguments that both ops pass alike: (parameter tensors, their strides and sizes, constexprs,
+    P-blocks per head)."""
     p_per_program = _p_per_program(rows, h, p)
     conv_weight, A_log, D, dt_bias = (t.contiguous() for t in (conv_weight, A_log, D, dt_bias))
-    conv_bias = conv_bias.contiguous() if conv_bias is not None else None
-    tensors = (conv_state, ssm_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, A_log, D,
-               dt_bias)
+    tensors = (conv_state, ssm_state, conv_weight, conv_bias.contiguous() if conv_bias is not None else conv_weight,
+               A_log, D, dt_bias)
     strides = (*conv_state.stride(), *ssm_state.stride()[:3], *conv_weight.stride(), conv_state.shape[2], h,
                ngroups * n, h // ngroups)
     consts = dict(P=p, N=n, W=conv_weight.shape[1], P_PER_PROGRAM=p_per_program,
                   BLOCK_P=min(p_per_program, max(1, TILE_ELEMENTS // n)),
                   BLOCK_S=triton.next_power_of_2(conv_state.shape[2]), HAS_BIAS=conv_bias is not None,
                   num_warps=NUM_WARPS)
-    return tensors + strides, consts, p // p_per_program
+    return tensors, strides, consts, p // p_per_program
 
 
 def _launch_gated_norm(xbc: Tensor, z: Optional[Tensor], conv_state: Tensor, v: Tensor, sumsq: Optional[Tensor],
@@ -400,7 +395,7 @@ def _launch_gated_norm(xbc: Tensor, z: Optional[Tensor], conv_state: Tensor, v: 
     z_size = z.element_size() if z is not None else 0
     fused = out_weight is not None and not fused_out_reasons(rows, d_inner, ngroups, out_weight, dtype,
                                                              norm_weight.element_size(), z_size)
-    out = _empty(rows, out_weight.shape[0] if fused else d_inner, dtype, device)
+    out = gemv._alloc_output(rows, out_weight.shape[0] if fused else d_inner, dtype, device)
     norm_weight = norm_weight.contiguous()
     z_arg = z if z is not None else v
     n_parts = sumsq.shape[1] if sumsq is not None else 1
@@ -441,12 +436,12 @@ def mamba2_decode_step_triton(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Ten
     rows, d_inner, conv_dim, h, p, n = _sizes(zxbcdt, conv_weight, norm_weight, A_log, headdim, ngroups)
     if rows == 0:
         return zxbcdt.new_empty(0, (norm_weight if out_weight is None else out_weight).shape[0])
-    args, consts, p_blocks = _launch_ssm_step_args(conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
-                                                   rows, h, p, n, ngroups)
-    v = _empty(rows, d_inner, torch.float32, zxbcdt.device)
-    sumsq = _empty(rows, h * p_blocks, torch.float32, zxbcdt.device)
+    tensors, strides, consts, p_blocks = _ssm_step_args(conv_state, ssm_state, conv_weight, conv_bias, A_log, D,
+                                                        dt_bias, rows, h, p, n, ngroups)
+    v = gemv._alloc_output(rows, d_inner, torch.float32, zxbcdt.device)
+    sumsq = gemv._alloc_output(rows, h * p_blocks, torch.float32, zxbcdt.device)
     launch = _triton.launch_options(zxbcdt.device)
-    _ssm_step_kernel[(rows, h, p_blocks)](zxbcdt, *args[:7], v, sumsq, zxbcdt.stride(0), *args[7:], **consts,
+    _ssm_step_kernel[(rows, h, p_blocks)](zxbcdt, *tensors, v, sumsq, zxbcdt.stride(0), *strides, **consts,
                                           **launch)
     return _launch_gated_norm(zxbcdt[:, d_inner:], None, conv_state, v, sumsq, norm_weight, eps, ngroups, n,
                               out_weight)
@@ -531,25 +526,25 @@ def mamba2_block_step_triton(x: Tensor, residual: Optional[Tensor], x_gate: Opti
     d_inner, conv_dim, h = mixer_norm_weight.shape[0], conv_weight.shape[0], A_log.shape[0]
     n = (conv_dim - d_inner) // (2 * ngroups)
     dev, dtype = x.device, x.dtype
-    residual_out = _empty(rows, d_model, torch.float32, dev)
+    residual_out = gemv._alloc_output(rows, d_model, torch.float32, dev)
     if rows == 0:
         return x.new_empty(0, out_weight.shape[0]), residual_out
     # kernel 0: the prologue and in_proj's x, B, C, dt rows, writing the prologue's output for z's GEMV
-    xbcdt = _empty(rows, conv_dim + h, dtype, dev)
-    h_rows = _empty(rows, d_model, dtype, dev)
+    xbcdt = gemv._alloc_output(rows, conv_dim + h, dtype, dev)
+    h_rows = gemv._alloc_output(rows, d_model, dtype, dev)
     gemv.launch_prologue_gemv(x, residual, norm_weight, shift, scale, eps, x_gate, in_weight[d_inner:], xbcdt,
                               residual_out, h_rows)
     # kernel 1: z's GEMV beside the SSM update
-    args, consts, p_blocks = _launch_ssm_step_args(conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias,
-                                                   rows, h, headdim, n, ngroups)
+    tensors, strides, consts, p_blocks = _ssm_step_args(conv_state, ssm_state, conv_weight, conv_bias, A_log, D,
+                                                        dt_bias, rows, h, headdim, n, ngroups)
     z_weight = in_weight[:d_inner]
-    z = _empty(rows, d_inner, dtype, dev)
-    v = _empty(rows, d_inner, torch.float32, dev)
+    z = gemv._alloc_output(rows, d_inner, dtype, dev)
+    v = gemv._alloc_output(rows, d_inner, torch.float32, dev)
     block_n, block_k = gemv.tile_shape(d_model)
     z_programs = triton.cdiv(d_inner, block_n)
     _ssm_step_z_kernel[(z_programs + rows * h * p_blocks,)](
-        xbcdt, h_rows, z_weight, z, *args[:7], v, d_model, z_programs, xbcdt.stride(0), h_rows.stride(0),
-        z_weight.stride(0), *args[7:], p_blocks, ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), BLOCK_N=block_n,
+        xbcdt, h_rows, z_weight, z, *tensors, v, d_model, z_programs, xbcdt.stride(0), h_rows.stride(0),
+        z_weight.stride(0), *strides, p_blocks, ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), BLOCK_N=block_n,
         BLOCK_K=block_k, **consts, **_triton.launch_options(dev))
     # kernel 2: the gate, the gated RMSNorm and out_proj
     return _launch_gated_norm(xbcdt, z, conv_state, v, None, mixer_norm_weight, eps, ngroups, n,

@@ -169,6 +169,7 @@ def gemm_config(rows: int, n: int, k: int, device: torch.device) -> tuple[int, i
 
 
 def _alloc_output(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every output and scratch buffer of the GEMV and decode-step Triton paths (tests poison them here)."""
     return torch.empty(rows, n, dtype=dtype, device=device)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import aim_kernels as ak
-from aim_kernels import _ext, _triton, decode
+from aim_kernels import _ext, _triton, decode, gemv
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -64,12 +64,12 @@ def cloned(inp, dtype=None, state_dtype=None, device=None):
 
 def poisoned_outputs(monkeypatch):
     """Make the kernel's output and scratch buffers start as NaN."""
-    alloc = decode._empty
+    alloc = gemv._alloc_output
 
     def nan_alloc(*a, **k):
         return alloc(*a, **k).fill_(float("nan"))
 
-    monkeypatch.setattr(decode, "_empty", nan_alloc)
+    monkeypatch.setattr(gemv, "_alloc_output", nan_alloc)
 
 
 # ---- reference -----------------------------------------------------------------------------------
