@@ -267,6 +267,17 @@ if triton is not None:
                               HEADS_PER_GROUP, P, N, W, P_PER_PROGRAM, BLOCK_P, BLOCK_S, HAS_BIAS, False, PDL)
 
     @triton.jit
+    def _gate_sumsq(v, z_or_parts, AXIS: tl.constexpr, Z_GATE: tl.constexpr):
+        """Kernel 2's gate: Z_GATE, v * silu(z) and its sum of squares along AXIS; otherwise v is already gated
+        and the sum is over its v^2 partials from kernel 1."""
+        if Z_GATE:
+            v = v * z_or_parts * tl.sigmoid(z_or_parts)
+            ss = tl.sum(v * v, axis=AXIS)
+        else:
+            ss = tl.sum(z_or_parts, axis=AXIS)
+        return v, ss
+
+    @triton.jit
     def _norm_shift_kernel(xbc_ptr, z_ptr, conv_state_ptr, v_ptr, sumsq_ptr, norm_w_ptr, out_ptr,
                            stride_xr, stride_cr, stride_cc, stride_cs, S, eps, D_INNER, GN, GROUP_SIZE,
                            PARTIALS_PER_GROUP, N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PARTS: tl.constexpr,
@@ -283,22 +294,18 @@ if triton is not None:
         d += g * GROUP_SIZE
         v = tl.load(v_ptr + r * D_INNER + d, mask=mask, other=0.0)
         if Z_GATE:
-            z = tl.load(z_ptr + r * D_INNER + d, mask=mask, other=0.0).to(tl.float32)
+            z_or_parts = tl.load(z_ptr + r * D_INNER + d, mask=mask, other=0.0).to(tl.float32)
         else:
             i = tl.arange(0, BLOCK_PARTS)
-            parts = tl.load(sumsq_ptr + (r * G + g) * PARTIALS_PER_GROUP + i, mask=i < PARTIALS_PER_GROUP,
-                            other=0.0)
+            z_or_parts = tl.load(sumsq_ptr + (r * G + g) * PARTIALS_PER_GROUP + i, mask=i < PARTIALS_PER_GROUP,
+                                 other=0.0)
         w = tl.load(norm_w_ptr + d, mask=mask, other=0.0).to(tl.float32)
         # kernel 1 (every reader of this group's B/C conv windows) is done: shift them now
         j = tl.arange(0, 2 * N)
         c = D_INNER + tl.where(j < N, g * N + j, GN + g * N + (j - N))
         _shift_conv_state(xbc_ptr + r * stride_xr, conv_state_ptr + r * stride_cr, c, S, stride_cc, stride_cs,
                           BLOCK_S)
-        if Z_GATE:
-            v = v * z * tl.sigmoid(z)
-            ss = tl.sum(v * v, axis=0)
-        else:
-            ss = tl.sum(parts, axis=0)
+        v, ss = _gate_sumsq(v, z_or_parts, 0, Z_GATE)
         rstd = 1.0 / tl.sqrt(ss / GROUP_SIZE + eps)
         tl.store(out_ptr + r * D_INNER + d, (v * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -324,22 +331,18 @@ if triton is not None:
         m = (i[:, None] < ROWS) & (k[None, :] < D_INNER)
         if Z_GATE:
             v = tl.load(v_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0)
-            z = tl.load(z_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0).to(tl.float32)
+            z_or_parts = tl.load(z_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0).to(tl.float32)
         else:  # (the partials first: loaded after v, Triton lays the tiles out with 60 more barriers, sm_90)
             j = tl.arange(0, BLOCK_PARTS)
-            parts = tl.load(sumsq_ptr + i[:, None] * N_PARTS + j[None, :],
-                            mask=(i[:, None] < ROWS) & (j[None, :] < N_PARTS), other=0.0)
+            z_or_parts = tl.load(sumsq_ptr + i[:, None] * N_PARTS + j[None, :],
+                                 mask=(i[:, None] < ROWS) & (j[None, :] < N_PARTS), other=0.0)
             v = tl.load(v_ptr + i[:, None] * D_INNER + k[None, :], mask=m, other=0.0)
         # kernel 1 (every reader of the B/C conv windows) is done: shift them, one program per row (here,
         # so their loads go out with the others)
         for r in range(pid, ROWS, tl.num_programs(0)):
             _shift_conv_state(xbc_ptr + r * stride_xr, conv_state_ptr + r * stride_cr,
                               D_INNER + tl.arange(0, 2 * N), S, stride_cc, stride_cs, BLOCK_S)
-        if Z_GATE:
-            v = v * z * tl.sigmoid(z)
-            ss = tl.sum(v * v, axis=1)
-        else:
-            ss = tl.sum(parts, axis=1)
+        v, ss = _gate_sumsq(v, z_or_parts, 1, Z_GATE)
         rstd = 1.0 / tl.sqrt(ss / D_INNER + eps)
         x = (v * rstd[:, None] * norm_w[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)  # as unfused rounds y
         for r in tl.static_range(ROWS):

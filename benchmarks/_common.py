@@ -10,6 +10,7 @@ eager time per call (CUDA events around a loop of N plain calls) is recorded bes
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -175,8 +176,29 @@ def peer_version(module: str) -> str | None:
         return None
 
 
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every per-kernel benchmark takes (it adds its own): where its rows go."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, action="append", default=[], help="also append rows here")
+    ap.add_argument("--no-data-file", action="store_true", help=f"do not append to {DATA}")
+    return ap
+
+
+def no_cuda() -> bool:
+    """True (and says so) when there is no GPU to benchmark on."""
+    if torch.cuda.is_available():
+        return False
+    print("no CUDA device: nothing to benchmark", file=sys.stderr)
+    return True
+
+
 class Recorder:
     """Collects rows, prints a one-line summary of each, appends them to the data file(s)."""
+
+    @classmethod
+    def for_args(cls, kernel: str, args: argparse.Namespace) -> "Recorder":
+        """The recorder of a benchmark run with `bench_parser`'s arguments."""
+        return cls(kernel, ([] if args.no_data_file else [DATA]) + args.out)
 
     def __init__(self, kernel: str, outs: Sequence[Path]):
         self.kernel, self.outs, self.meta, self.rows = kernel, list(outs), run_metadata(), []

@@ -16,7 +16,6 @@ benchmarks/results.jsonl (and --out).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import DATA, Recorder, n_sets, time_graph  # noqa: E402
+from _common import Recorder, bench_parser, no_cuda, n_sets, time_graph  # noqa: E402
 
 import aim_kernels as ak  # noqa: E402
 
@@ -77,16 +76,13 @@ def layer_bytes(d: int, h: int, rows: int, es: int) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, action="append", default=[])
-    ap.add_argument("--no-data-file", action="store_true")
+    ap = bench_parser(__doc__)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--rows", type=int, default=2, help="rows per step (batch 1 with CFG: 2)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to benchmark", file=sys.stderr)
+    if no_cuda():
         return 1
-    rec = Recorder("block_step", ([] if args.no_data_file else [DATA]) + args.out)
+    rec = Recorder.for_args("block_step", args)
     for model in args.models:
         d, h = MODELS[model]
         for dtype in (torch.bfloat16, torch.float32):

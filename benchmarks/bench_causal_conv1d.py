@@ -13,7 +13,6 @@ written). Appends rows to benchmarks/results.jsonl (and --out); report.py writes
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import DATA, Recorder, n_sets, peak_memory_mib, peer_version, time_eager, time_graph  # noqa: E402
+from _common import Recorder, bench_parser, no_cuda, n_sets, peak_memory_mib, peer_version, time_eager, time_graph  # noqa: E402
 
 import aim_kernels  # noqa: E402
 from aim_kernels import _ext  # noqa: E402
@@ -51,20 +50,17 @@ def backends():
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, action="append", default=[], help="also append rows here")
-    ap.add_argument("--no-data-file", action="store_true", help=f"do not append to {DATA}")
+    ap = bench_parser(__doc__)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--sweep", action="store_true",
                     help="also time the compiled tuning variants (AIMK_FWD_CHUNK / AIMK_BWD_CHUNK) on AiM-XL")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to benchmark", file=sys.stderr)
+    if no_cuda():
         return 1
     x0 = torch.randn(1, 8, 4, device="cuda", dtype=torch.bfloat16)
     w0 = torch.randn(8, 4, device="cuda", dtype=torch.bfloat16)
     print(f"# aim_kernels backend for bf16 CUDA inputs: {_ext.backend_for(sys.modules['aim_kernels.causal_conv1d']._causal_conv1d, x0, w0, None, True)}")
-    rec = Recorder("causal_conv1d", ([] if args.no_data_file else [DATA]) + args.out)
+    rec = Recorder.for_args("causal_conv1d", args)
     bks = backends()
     torch.manual_seed(0)
 

@@ -16,7 +16,6 @@ the L2 where one set is smaller. Appends rows to benchmarks/results.jsonl (and -
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import DATA, Recorder, n_sets, time_graph  # noqa: E402
+from _common import Recorder, bench_parser, no_cuda, n_sets, time_graph  # noqa: E402
 
 import aim_kernels as ak  # noqa: E402
 
@@ -76,15 +75,12 @@ def step_bytes(h: int, es: int, form: str, t: int) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, action="append", default=[])
-    ap.add_argument("--no-data-file", action="store_true")
+    ap = bench_parser(__doc__)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to benchmark", file=sys.stderr)
+    if no_cuda():
         return 1
-    rec = Recorder("decode_step", ([] if args.no_data_file else [DATA]) + args.out)
+    rec = Recorder.for_args("decode_step", args)
     for model in args.models:
         h = MODELS[model]
         for dtype in (torch.bfloat16, torch.float32):

@@ -14,7 +14,6 @@ Appends rows to benchmarks/results.jsonl (and --out); report.py writes BENCHMARK
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import DATA, Recorder, n_sets, time_eager, time_graph  # noqa: E402
+from _common import Recorder, bench_parser, no_cuda, n_sets, time_eager, time_graph  # noqa: E402
 
 import aim.vq  # noqa: E402
 from aim.vq import Normalize, VQConfig, VQModel  # noqa: E402
@@ -65,9 +64,7 @@ def decoder_norms(batch: int, config: VQConfig = VQConfig(), image: int = IMAGE)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, action="append", default=[], help="also append rows here")
-    ap.add_argument("--no-data-file", action="store_true", help=f"do not append to {DATA}")
+    ap = bench_parser(__doc__)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--no-vq-decode", action="store_true", help="skip the whole-decoder comparison")
     return ap.parse_args(argv)
@@ -75,14 +72,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to benchmark", file=sys.stderr)
+    if no_cuda():
         return 1
     dtype, dname, es = torch.bfloat16, "bfloat16", 2
     probe = torch.empty(1, 64, 2, 2, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
     print(f"# aim_kernels backend for bf16 channels_last CUDA inputs: "
           f"{_ext.backend_for(sys.modules['aim_kernels.group_norm']._group_norm, probe, None, None, 32, EPS, True)}")
-    rec = Recorder("group_norm", ([] if args.no_data_file else [DATA]) + args.out)
+    rec = Recorder.for_args("group_norm", args)
     backends = {"aim_kernels": group_norm, PYTORCH: torch_group_norm}
     norms = decoder_norms(args.batch)
     totals = {name: {"median_us": 0.0, "eager_us": 0.0} for name in backends}
