@@ -6,6 +6,7 @@ is the pure-PyTorch reference (`*_ref`); faster backends register for the CUDA d
 from .causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from .gemv import add_rmsnorm_modulate_linear, add_rmsnorm_modulate_linear_ref, linear, linear_ref
 from .decode import mamba2_block_step, mamba2_block_step_ref, mamba2_decode_step, mamba2_decode_step_ref
+from .decode_chain import mamba2_decode_chain, mamba2_decode_chain_ref
 from .decode_loop import embed_step, embed_step_ref, record_token, record_token_ref
 from .elementwise import add_bias, add_bias_ref
 from .group_norm import group_norm, group_norm_ref

@@ -4,7 +4,9 @@ output, as aim/model.py runs it in the state form:
 - block step: `mamba2_block_step` (prologue + in_proj + conv + SSM state update + gated RMSNorm + out_proj;
   at few rows in_proj's z rows run in the SSM update's launch, see aim_kernels/decode.py);
 - two ops: `add_rmsnorm_modulate_linear` then `mamba2_decode_step` with out_proj (what the block step falls
-  back to, and what the model ran before it).
+  back to, and what the model ran before it);
+- chain (bf16, 2 rows, where its kernel runs): `mamba2_decode_chain` over the model's depth of blocks in one
+  persistent kernel, its time divided by the depth.
 
 At batch 1 a layer is latency-bound: the time is device time per layer over a chain of 20 calls on distinct
 layers' weights in one CUDA graph (programmatic dependent launch chains them as in the model), rotating over
@@ -27,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import Recorder, bench_parser, no_cuda, n_sets, time_graph  # noqa: E402
 
 import aim_kernels as ak  # noqa: E402
+from aim_kernels import decode_chain  # noqa: E402
 
 P, N, W = 64, 128, 4
 MODELS = {"AiM-B": (768, 24), "AiM-L": (1024, 32), "AiM-XL": (1536, 48)}  # (d_model, heads)
+DEPTH = {"AiM-B": 24, "AiM-L": 48, "AiM-XL": 48}
 EPS = 1e-5
 
 
@@ -67,6 +71,18 @@ def run_two_ops(s: dict):
                                  s["out_weight"]), residual
 
 
+def make_chain(d: int, h: int, depth: int) -> list:
+    """mamba2_decode_chain's arguments for `depth` blocks of random weights (bf16) and caches."""
+    d_inner, conv_dim, dev = h * P, h * P + 2 * N, "cuda"
+    weight = lambda *s: (torch.randn(*s, device=dev) / s[-1] ** 0.5).bfloat16()  # noqa: E731
+    return [torch.randn(2, d, device=dev), [weight(2 * d_inner + 2 * N + h, d) for _ in range(depth)],
+            weight(depth, d_inner, d), (1 + 0.1 * torch.randn(3, depth, 2, d, device=dev)).bfloat16(),
+            torch.randn(depth, 2, conv_dim, W - 1, device=dev), torch.randn(depth, 2, h, P, N, device=dev),
+            0.5 * torch.randn(depth, conv_dim, W, device=dev), 0.1 * torch.randn(depth, conv_dim, device=dev),
+            torch.log(torch.empty(depth, h, device=dev).uniform_(1, 16)), torch.randn(depth, h, device=dev),
+            0.1 * torch.randn(depth, h, device=dev) - 4, EPS]
+
+
 def layer_bytes(d: int, h: int, rows: int, es: int) -> int:
     d_inner, conv_dim = h * P, h * P + 2 * N
     weights = (d_inner + conv_dim + h) * d * es + d * d_inner * es
@@ -93,6 +109,18 @@ def main(argv=None) -> int:
                 rec.add(case="block", model=model, backend=path, dtype=str(dtype)[6:],
                         shape={"rows": args.rows, "d_model": d, "heads": h}, timing=r, bytes_moved=nbytes)
             del layers
+            if dtype == torch.bfloat16 and args.rows == 2:
+                chain = make_chain(d, h, DEPTH[model])
+                reasons = decode_chain.not_supported_reasons(*chain)
+                if reasons:
+                    print(f"# chain {model}: its kernel cannot run here: {'; '.join(reasons)}")
+                else:
+                    r = time_graph(lambda i: ak.mamba2_decode_chain(*chain), 1, calls=4)
+                    per_layer = {k: v / DEPTH[model] if k.endswith("_us") else v for k, v in r.items()}
+                    rec.add(case="block", model=model, backend="chain", dtype="bfloat16",
+                            shape={"rows": 2, "d_model": d, "heads": h, "layers": DEPTH[model]}, timing=per_layer,
+                            bytes_moved=nbytes)
+                del chain
             torch.cuda.empty_cache()
     rec.finish()
     rec.save()

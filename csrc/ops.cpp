@@ -11,12 +11,15 @@
 #include <Python.h>
 
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 
 #include "causal_conv1d/causal_conv1d.h"
+#include "decode_chain/decode_chain.h"
 
 #define AIMK_STR2(x) #x
 #define AIMK_STR(x) AIMK_STR2(x)
@@ -147,6 +150,86 @@ void causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, con
                "causal_conv1d_update");
 }
 
+void check_f32(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef sizes) {
+  check_on(t, name, ref);
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && aligned16(t) && t.sizes() == sizes,
+              "aim_kernels_cuda: ", name, " must be a contiguous, 16-byte aligned float32 ", sizes, " tensor, got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+void check_bf16(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef sizes) {
+  check_on(t, name, ref);
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && aligned16(t) && t.sizes() == sizes,
+              "aim_kernels_cuda: ", name, " must be a contiguous, 16-byte aligned bfloat16 ", sizes, " tensor, got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+void decode_chain(const at::TensorList in_weight, const at::Tensor& in_weight_ptrs, const at::Tensor& out_weight_t,
+                  const at::Tensor& adaln, const at::Tensor& conv_state, const at::Tensor& ssm_state,
+                  const at::Tensor& conv_weight, const at::Tensor& conv_bias, const at::Tensor& A_log, const at::Tensor& D,
+                  const at::Tensor& dt_bias, const at::Tensor& residual, const at::Tensor& out, const at::Tensor& acc,
+                  const at::Tensor& sumsq, const at::Tensor& bcdt, const at::Tensor& barrier, double eps) {
+  const at::Tensor& x = residual;
+  check_on(x, "residual", x);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t L = static_cast<int64_t>(in_weight.size()), R = aimk::kChainRows;
+  TORCH_CHECK(L >= 1 && ssm_state.dim() == 5, "aim_kernels_cuda: decode_chain needs layers and an (L, 2, H, P, N) ssm_state");
+  const int64_t d = x.size(-1), di = 2 * d, H = ssm_state.size(2), ns = aimk::kChainDState;
+  const int64_t conv_dim = di + 2 * ns, n1 = 2 * di + 2 * ns + H, K = aimk::kChainReplicas;
+  const int smem = aimk::decode_chain_smem_bytes(static_cast<int>(d));
+  TORCH_CHECK(smem > 0, "aim_kernels_cuda: decode_chain is built for d_model 768, 1024 or 1536, got ", d);
+  check_f32(residual, "residual", x, {R, d});
+  check_f32(out, "out", x, {R, d});
+  for (int64_t l = 0; l < L; ++l) check_bf16(in_weight[l], "in_weight[l]", x, {n1, d});
+  check_on(in_weight_ptrs, "in_weight_ptrs", x);
+  TORCH_CHECK(in_weight_ptrs.scalar_type() == at::kLong && in_weight_ptrs.is_contiguous() && in_weight_ptrs.numel() == L,
+              "aim_kernels_cuda: in_weight_ptrs must be L int64 pointers");
+  check_bf16(out_weight_t, "out_weight_t", x, {L, di, d});
+  check_bf16(adaln, "adaln", x, {3, L, R, d});
+  check_f32(conv_state, "conv_state", x, {L, R, conv_dim, aimk::kChainConvWidth - 1});
+  check_f32(ssm_state, "ssm_state", x, {L, R, H, aimk::kChainHeaddim, ns});
+  check_f32(conv_weight, "conv_weight", x, {L, conv_dim, aimk::kChainConvWidth});
+  check_f32(conv_bias, "conv_bias", x, {L, conv_dim});
+  for (const auto* t : {&A_log, &D, &dt_bias}) check_f32(*t, "A_log, D and dt_bias", x, {L, H});
+  check_f32(acc, "acc", x, {L + 1, K, R, d});
+  check_f32(sumsq, "sumsq", x, {L + 1, K, R});
+  check_on(bcdt, "bcdt", x);
+  TORCH_CHECK(bcdt.scalar_type() == at::kLong && bcdt.is_contiguous() && bcdt.numel() == L * R * (2 * ns + H),
+              "aim_kernels_cuda: bcdt must be a contiguous int64 (L, 2, 2 N + H) tensor");
+  check_on(barrier, "barrier", x);
+  TORCH_CHECK(barrier.scalar_type() == at::kInt && barrier.numel() >= 1, "aim_kernels_cuda: barrier must be int32");
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const int grid = prop->multiProcessorCount;
+  TORCH_CHECK(prop->major >= 9, "aim_kernels_cuda: decode_chain needs sm_90 or newer");
+  TORCH_CHECK(H <= aimk::kChainMaxHeads && (di + grid - 1) / grid <= std::min<int64_t>(aimk::kChainMaxChannels, d / 64) &&
+                  (2 * ns + H + grid - 1) / grid <= aimk::kChainMaxBCDTRows,
+              "aim_kernels_cuda: decode_chain needs more SMs for d_model ", d, " (", grid, ")");
+  TORCH_CHECK(static_cast<int64_t>(prop->sharedMemPerBlockOptin) >= smem, "aim_kernels_cuda: decode_chain needs ", smem,
+              " bytes of shared memory per block");
+  aimk::ChainParams p{};
+  p.in_weight = reinterpret_cast<const void* const*>(in_weight_ptrs.data_ptr<int64_t>());
+  p.out_weight_t = out_weight_t.data_ptr();
+  p.adaln = adaln.data_ptr();
+  p.conv_state = conv_state.data_ptr<float>();
+  p.ssm_state = ssm_state.data_ptr<float>();
+  p.conv_weight = conv_weight.data_ptr<float>();
+  p.conv_bias = conv_bias.data_ptr<float>();
+  p.A_log = A_log.data_ptr<float>();
+  p.D = D.data_ptr<float>();
+  p.dt_bias = dt_bias.data_ptr<float>();
+  p.residual = residual.data_ptr<float>();
+  p.out = out.data_ptr<float>();
+  p.acc = acc.data_ptr<float>();
+  p.sumsq = sumsq.data_ptr<float>();
+  p.bcdt = reinterpret_cast<unsigned long long*>(bcdt.data_ptr<int64_t>());
+  p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
+  p.layers = static_cast<int>(L);
+  p.d_model = static_cast<int>(d);
+  p.heads = static_cast<int>(H);
+  p.eps = static_cast<float>(eps);
+  check_launch(aimk::decode_chain(p, grid, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()), "decode_chain");
+}
+
 std::string build_info() {
   return std::string("cuda_archs=") + AIMK_STR(AIMK_CUDA_ARCHS) + ";cuda_version=" + std::to_string(CUDART_VERSION);
 }
@@ -160,12 +243,17 @@ TORCH_LIBRARY_FRAGMENT(aim_kernels_cuda, m) {
         "Tensor(b!) dweight_bias, bool silu) -> ()");
   m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, Tensor(b!) out, "
         "bool silu) -> ()");
+  m.def("decode_chain(Tensor[] in_weight, Tensor in_weight_ptrs, Tensor out_weight_t, Tensor adaln, "
+        "Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor conv_weight, Tensor conv_bias, Tensor A_log, Tensor D, "
+        "Tensor dt_bias, Tensor(c!) residual, Tensor(d!) out, Tensor(e!) acc, Tensor(f!) sumsq, Tensor(g!) bcdt, "
+        "Tensor(h!) barrier, float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(aim_kernels_cuda, CUDA, m) {
   m.impl("causal_conv1d_fwd", &causal_conv1d_fwd);
   m.impl("causal_conv1d_bwd", &causal_conv1d_bwd);
   m.impl("causal_conv1d_update", &causal_conv1d_update);
+  m.impl("decode_chain", &decode_chain);
 }
 
 // An empty Python module, so `import aim_kernels._C` works too (loading the library registers the
