@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .config import AiMConfig
-from .generation import replay_form
+from .generation import chain_decoder, replay_form
 from .model import AiM
 from .vq import VQConfig
 
@@ -71,7 +71,9 @@ def bench_generate(preset: str, batch: int, dtype: str, cfg_scale: float = 2.0, 
         return model.generate_tokens(labels, cfg_scale=cfg_scale, generator=generator, state_dtype=state_dtype)
 
     rows = 2 * batch if cfg_scale != 1.0 else batch
-    form = "replay" if replay_form(model, rows, state_dtype) else "state"  # as the first call decides (free memory)
+    # as the first call decides (free memory; whether the whole-chain kernel runs)
+    form = ("replay" if replay_form(model, rows, state_dtype) else
+            "chain" if chain_decoder(model, rows, state_dtype, "auto") else "state")
     first, _ = _timed(run, 1)  # includes the CUDA-graph capture
     tokens_s, times = _timed(run, repeats)
     floor_s = model.config.num_tokens * step_bytes(model, rows, state_dtype) / 4.25e12

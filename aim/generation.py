@@ -53,6 +53,23 @@ def replay_form(model, rows: int, state_dtype: torch.dtype, decode_form: str = "
     return decode_form == "replay"
 
 
+def chain_decoder(model, rows: int, state_dtype: torch.dtype, decode_form: str = "auto"):
+    """The whole-chain kernel for this generation (aim.model.ChainDecoder), or None: then the blocks step one by one.
+    Under decode_form "auto", at 2 rows (one guided image), where its kernel runs (sm_90, bf16 weights, float32
+    state, Mamba2 blocks with shared B/C). Per block on an H200 (bf16, 2 rows): AiM-B 9.8 against 11.3 us, AiM-XL
+    14.8 against 20.0 us (benchmarks/bench_block_step.py)."""
+    from aim.model import ChainDecoder  # aim.model imports this module
+    c = model.config
+    if (decode_form != "auto" or rows != 2 or model.device.type != "cuda" or c.layer != "Mamba2"
+            or c.mixer["ngroups"] != 1 or state_dtype != torch.float32 or model.dtype != torch.bfloat16
+            or model.backbone.layers[0].mixer.conv1d.bias is None):
+        return None
+    chain = ChainDecoder(model, rows)
+    probe = torch.zeros(rows, c.d_model, device=model.device)
+    adaln = torch.zeros(3, c.n_layer, rows, c.d_model, device=model.device, dtype=model.dtype)
+    return None if chain.not_supported_reasons(probe, adaln) else chain
+
+
 def replay_history_bytes(model, rows: int) -> int:
     """The replay form's history over all layers, as the replay caches allocate it (on the meta device)."""
     step = torch.zeros((), dtype=torch.long, device="meta")
@@ -118,9 +135,10 @@ class Decoding:
         self.labels, self.uniform, self.forced_tokens = labels, uniform, forced_tokens
         self.num_rows = 2 * batch if s.guidance is not None else batch
         self.step = torch.zeros((), dtype=torch.long, device=labels.device)
-        self.cache = model.allocate_cache(self.num_rows, s.state_dtype,
-                                          replay_step=self.step if s.replay_form(model, self.num_rows) else None)
-        parts = row_streams(model, self.num_rows, labels.device)
+        self.chain = chain_decoder(model, self.num_rows, s.state_dtype, s.decode_form)
+        self.cache = [] if self.chain else model.allocate_cache(
+            self.num_rows, s.state_dtype, replay_step=self.step if s.replay_form(model, self.num_rows) else None)
+        parts = 1 if self.chain else row_streams(model, self.num_rows, labels.device)
         self.row_blocks = ([slice(self.num_rows * i // parts, self.num_rows * (i + 1) // parts) for i in range(parts)]
                            if parts > 1 else [])
         self.block_caches = [[layer.rows(rows) for layer in self.cache] for rows in self.row_blocks]
@@ -138,7 +156,13 @@ class Decoding:
         self.cond = self.model.class_embedding(rows)
         self.mods, self.final_mod = self.model.conditioning(self.cond)
         self.block_mods = [([m[block] for m in self.mods], self.final_mod[block]) for block in self.row_blocks]
-        self.model.reset_cache(self.cache)
+        if self.chain:
+            if not torch.cuda.is_current_stream_capturing():  # a graph's caller refreshes before replaying it
+                self.chain.refresh()
+            self.adaln, self.last_gate = self.chain.adaln(self.mods), self.mods[-1][:, 2]
+            self.chain.reset()
+        else:
+            self.model.reset_cache(self.cache)
         self.step.zero_()
 
     def advance(self) -> None:
@@ -150,8 +174,12 @@ class Decoding:
         emb = model.backbone.embeddings
         hidden = ak.embed_step(self.cond, emb.word_embeddings.weight, emb.position_embeddings.weight, self.tokens, k,
                                position_offset=0 if s.decode_positions == "official" else 1)
-        logits = self._step_in_row_blocks(hidden) if self.row_blocks else model.step(hidden, self.cache, self.mods,
-                                                                                     self.final_mod)
+        if self.chain:
+            logits = self.chain.step(hidden, self.adaln, self.last_gate, self.final_mod)
+        elif self.row_blocks:
+            logits = self._step_in_row_blocks(hidden)
+        else:
+            logits = model.step(hidden, self.cache, self.mods, self.final_mod)
         if self.logits is not None:
             self.logits.index_copy_(1, at, ak.guided_logits(logits, s.guidance)[:, None])
         if self.forced_tokens is not None:
@@ -202,6 +230,8 @@ class DecodeGraph:
                 self.run.advance()
 
     def __call__(self, labels: Tensor, uniform: Tensor) -> Tensor:
+        if self.run.chain:
+            self.run.chain.refresh()
         self.run.labels.copy_(labels)
         self.run.uniform.copy_(uniform)
         self.prologue.replay()
@@ -224,9 +254,10 @@ def generate_tokens(model, labels, cfg_scale: float = 1.5, temperature: float = 
         temperature and filtering.
     decode_positions: "official" (default, what the released checkpoints were evaluated with) or "train".
     state_dtype: SSM state dtype of the recurrent form (default float32; float64 for float64 models).
-    decode_form: "state" (recurrent SSM state), "replay" (the SSD form over this sequence's inputs,
-        Mamba2 only) or "auto": replay from REPLAY_MIN_ROWS rows on with a float32 state when its
-        history fits in free device memory (`replay_history_fits`), else state.
+    decode_form: "state" (recurrent SSM state, block by block), "replay" (the SSD form over this sequence's
+        inputs, Mamba2 only) or "auto": replay from REPLAY_MIN_ROWS rows on with a float32 state when its
+        history fits in free device memory (`replay_history_fits`); at 2 rows the state form of every block in
+        one kernel where it runs (`chain_decoder`); else state.
     cuda_graph: on CUDA, replay graphs captured on the first call with these settings (sampling
         only; teacher forcing and return_logits run eagerly).
     """

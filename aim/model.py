@@ -51,6 +51,73 @@ class ReplayCache(NamedTuple):
         return self._replace(**{name: getattr(self, name)[rows] for name in per_row})
 
 
+class ChainDecoder:
+    """Batch-1 decode (2 rows: one guided image) of every block in one kernel, `ak.mamba2_decode_chain`: its
+    packed parameters (out_proj transposed with the gated-norm weight folded in; the small parameters as float32)
+    and its caches, stacked over blocks. Built per generation setup; `refresh` re-packs, in place, parameters
+    changed since (e.g. by training), so captured graphs keep their addresses."""
+
+    def __init__(self, model: "AiM", rows: int):
+        self.model, self.layers = model, list(model.backbone.layers)
+        mixers = [layer.mixer for layer in self.layers]
+        m = mixers[0]
+        self.in_weight = [mx.in_proj.weight for mx in mixers]
+        self.packed = self._pack()
+        self.versions = self._versions()
+        conv_dim, width = m.conv1d.weight.shape[0], m.conv1d.weight.shape[-1]
+        self.conv_state = torch.zeros(len(mixers), rows, conv_dim, width - 1, device=model.device)
+        self.ssm_state = torch.zeros(len(mixers), rows, m.nheads, m.headdim, m.d_state, device=model.device)
+
+    def _params(self) -> list[Tensor]:
+        return [t for layer in self.layers for t in (layer.norm.weight, layer.mixer.out_proj.weight,
+                                                     layer.mixer.norm.weight, layer.mixer.conv1d.weight,
+                                                     layer.mixer.conv1d.bias, layer.mixer.A_log, layer.mixer.D,
+                                                     layer.mixer.dt_bias)]
+
+    def _versions(self) -> list[tuple[int, int]]:
+        return [(t.data_ptr(), t._version) for t in self._params()]
+
+    def _pack(self) -> dict:
+        mixers = [layer.mixer for layer in self.layers]
+        f32 = lambda ts: torch.stack([t.detach().float() for t in ts]).contiguous()  # noqa: E731
+        return dict(out_weight_t=ak.decode_chain.pack_out_weights([mx.out_proj.weight.detach() for mx in mixers],
+                                                                  [mx.norm.weight.detach() for mx in mixers]),
+                    conv_weight=f32(mx.conv1d.weight.squeeze(1) for mx in mixers),
+                    conv_bias=f32(mx.conv1d.bias for mx in mixers), A_log=f32(mx.A_log for mx in mixers),
+                    D=f32(mx.D for mx in mixers), dt_bias=f32(mx.dt_bias for mx in mixers),
+                    norm_weight=f32(layer.norm.weight for layer in self.layers))
+
+    def refresh(self) -> None:
+        if self._versions() != self.versions:
+            for name, t in self._pack().items():
+                self.packed[name].copy_(t)
+            self.versions = self._versions()
+
+    def reset(self) -> None:
+        self.conv_state.zero_()
+        self.ssm_state.zero_()
+
+    def adaln(self, mods: list[Tensor]) -> Tensor:
+        """(3, L, R, d): per block the previous block's gate, norm weight * (1 + scale), shift (once per generation)."""
+        shift, scale, gate = torch.stack(mods).float().unbind(2)  # each (L, R, d)
+        gate_prev = torch.cat([torch.ones_like(gate[:1]), gate[:-1]])
+        return torch.stack([gate_prev, self.packed["norm_weight"][:, None] * (1 + scale), shift]).to(
+            self.model.dtype).contiguous()
+
+    def args(self, hidden: Tensor, adaln: Tensor) -> list:
+        p = self.packed
+        return [hidden.float(), self.in_weight, p["out_weight_t"], adaln, self.conv_state, self.ssm_state,
+                p["conv_weight"], p["conv_bias"], p["A_log"], p["D"], p["dt_bias"], NORM_EPS]
+
+    def not_supported_reasons(self, hidden: Tensor, adaln: Tensor) -> list[str]:
+        return ak.decode_chain.not_supported_reasons(*self.args(hidden, adaln))
+
+    def step(self, hidden: Tensor, adaln: Tensor, last_gate: Tensor, final_mod: Tensor) -> Tensor:
+        """One decoding step: hidden (R, d) -> logits (R, vocab); updates the caches in place."""
+        out, residual = ak.mamba2_decode_chain(*self.args(hidden, adaln))
+        return self.model.head(out.to(self.model.dtype), last_gate, residual, final_mod)
+
+
 class RMSNorm(nn.Module):
     """Holds the weight; the normalisation itself runs in the fused `aim_kernels` ops."""
 

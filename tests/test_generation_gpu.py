@@ -36,7 +36,8 @@ def reference_and_inputs(request):
     return model, labels, tokens, logits
 
 
-@pytest.mark.parametrize("form", ["state", "replay"])
+# "auto" at 2 rows in bf16: every block in one kernel (aim.generation.chain_decoder) where it runs
+@pytest.mark.parametrize("form", ["state", "replay", "auto"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 def test_teacher_forced_decode_matches_float64(reference_and_inputs, dtype, tol, form):
     model, labels, tokens, ref = reference_and_inputs
@@ -74,14 +75,45 @@ def test_steps_in_row_blocks_on_streams_match_one_stream(monkeypatch, batch, dty
     labels = torch.arange(batch, device="cuda")
     tokens = torch.randint(model.config.vocab_size, (batch, model.config.num_tokens), device="cuda")
 
-    def logits():
-        return model.generate_tokens(labels, cfg_scale=2.0, forced_tokens=tokens, return_logits=True)[1]
+    def logits():  # "state": block by block (at 2 rows "auto" may run every block in one kernel, on one stream)
+        return model.generate_tokens(labels, cfg_scale=2.0, forced_tokens=tokens, return_logits=True,
+                                     decode_form="state")[1]
 
     monkeypatch.setattr(generation, "row_streams", lambda *args: 2)
     two_streams = logits()
     monkeypatch.setattr(generation, "row_streams", lambda *args: 1)
     one_stream = logits()
     assert rel_err(two_streams, one_stream) < tol
+
+
+def test_chain_kernel_matches_blocks_and_follows_weight_updates():
+    """At batch 1 in bf16 the whole-chain kernel decodes (where it runs): its teacher-forced logits match the
+    block-by-block state form, and a captured generation re-packs weights changed in place since."""
+    from aim import generation
+    model = aim_b_layers(3).to("cuda", torch.bfloat16)
+    if generation.chain_decoder(model, 2, torch.float32) is None:
+        pytest.skip("the chain kernel does not run on this GPU")
+    labels = torch.tensor([5], device="cuda")
+    tokens = torch.randint(model.config.vocab_size, (1, model.config.num_tokens), device="cuda")
+
+    def logits(form):
+        return model.generate_tokens(labels, cfg_scale=2.0, forced_tokens=tokens, return_logits=True,
+                                     decode_form=form)[1]
+
+    assert rel_err(logits("auto"), logits("state")) < 1e-2
+
+    def sample(cuda_graph):
+        g = torch.Generator("cuda").manual_seed(3)
+        return model.generate_tokens(labels, cfg_scale=2.0, generator=g, cuda_graph=cuda_graph)
+
+    before = sample(True)  # captures the graph
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.out_proj.weight.mul_(-1.5)
+            layer.mixer.D.add_(1.0)
+    graphed, eager = sample(True), sample(False)
+    assert (graphed == eager).double().mean().item() > 0.99
+    assert (graphed != before).double().mean().item() > 0.5
 
 
 def test_graph_is_recaptured_when_weights_move():
