@@ -244,24 +244,29 @@ def decode_step_section(gpu: str, rows: list[dict]) -> list[str]:
 
 
 def block_step_section(gpu: str, rows: list[dict]) -> list[str]:
-    """One block's decode step at batch 1: the block step op against the two ops it replaced."""
+    """One block's decode step at batch 1: the block step op against the two ops it replaced, and the whole chain
+    of blocks in one kernel (per block)."""
     lines = [f"### {gpu}", "",
              _run_header(rows) +
              "One AiM block, state form, from the block's input to its mixer's output (`mamba2_block_step` against "
              "`add_rmsnorm_modulate_linear` + `mamba2_decode_step`). Device time per layer over a chain of 20 calls on "
-             "distinct layers' weights in one CUDA graph (median). Bytes: the layer's in_proj and out_proj weights, "
-             "the fp32 SSM state read and written, the step's I/O.", "",
-             "| model | weights | rows | block step us | two ops us | speed-up | GB/s (block step) | % copy (measured) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "distinct layers' weights in one CUDA graph (median). Chain: `mamba2_decode_chain` over the model's depth "
+             "of blocks in one kernel (bf16, 2 rows), its time divided by the depth. Bytes: the layer's in_proj and "
+             "out_proj weights, the fp32 SSM state read and written, the step's I/O.", "",
+             "| model | weights | rows | block step us | two ops us | speed-up | chain us per block | chain speed-up "
+             "| GB/s (block step) | % copy (measured) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["model"], r["dtype"], r["shape"]["rows"], r["backend"]): r for r in rows if r["case"] == "block"}
     for (model, dtype, n_rows, path), b in by.items():
         if path != "block step":
             continue
-        two = by.get((model, dtype, n_rows, "two ops"))
+        two, chain = by.get((model, dtype, n_rows, "two ops")), by.get((model, dtype, n_rows, "chain"))
         two_us = f"{two['median_us']:.2f}" if two else "-"
         speedup = f"**{two['median_us'] / b['median_us']:.2f}x**" if two else "-"
-        lines.append(f"| {model} | {dtype} | {n_rows} | {b['median_us']:.2f} | {two_us} | {speedup} | {b['gbps']:.0f} | "
-                     f"{100 * b['frac_copy_measured']:.0f}% |")
+        chain_us = f"{chain['median_us']:.2f}" if chain else "-"
+        chain_speedup = f"**{b['median_us'] / chain['median_us']:.2f}x**" if chain else "-"
+        lines.append(f"| {model} | {dtype} | {n_rows} | {b['median_us']:.2f} | {two_us} | {speedup} | {chain_us} | "
+                     f"{chain_speedup} | {b['gbps']:.0f} | {100 * b['frac_copy_measured']:.0f}% |")
     return lines + [""]
 
 
