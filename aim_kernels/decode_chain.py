@@ -28,7 +28,7 @@ __all__ = ["mamba2_decode_chain", "mamba2_decode_chain_ref", "pack_out_weights",
 
 ROWS, HEADDIM, D_STATE, CONV_WIDTH = 2, 64, 128, 4          # what the CUDA kernel is built for
 D_MODELS, MAX_CHANNELS, MAX_BCDT_ROWS, MAX_HEADS = (768, 1024, 1536), 32, 8, 64
-SMEM_LIMIT = 227 * 1024                                      # the kernel needs up to ~217 KB per block
+SMEM_NEEDED = 227 * 1024  # opt-in shared memory per block of sm_90 parts; the kernel uses up to 217 KB
 
 
 def pack_out_weights(out_weights: list[Tensor], mixer_norm_weights: list[Tensor]) -> Tensor:
@@ -92,8 +92,9 @@ def not_supported_reasons(x: Tensor, in_weight: list[Tensor], out_weight_t: Tens
     prop = torch.cuda.get_device_properties(x.device)
     if prop.major < 9:
         reasons.append(f"compute capability {prop.major}.{prop.minor}: the kernel needs 9.0+ (bulk copies)")
-    if getattr(prop, "shared_memory_per_block_optin", SMEM_LIMIT) < SMEM_LIMIT - 8 * 1024:
-        reasons.append("too little shared memory per block")
+    optin = getattr(prop, "shared_memory_per_block_optin", SMEM_NEEDED)  # torch without the field: the C++ checks
+    if optin < SMEM_NEEDED:
+        reasons.append(f"{optin} bytes of shared memory per block (needs {SMEM_NEEDED})")
     reasons += _kernel_limits(x.shape[1], A_log.shape[1], prop.multi_processor_count)
     if x.shape[0] != ROWS:
         reasons.append(f"{x.shape[0]} rows: the kernel takes the 2 rows of one guided image")
