@@ -62,11 +62,13 @@ class ChainDecoder:
         mixers = [layer.mixer for layer in self.layers]
         m = mixers[0]
         self.in_weight = [mx.in_proj.weight for mx in mixers]
+        self.dtype = torch.promote_types(model.dtype, torch.float32)  # caches, small parameters, activations
         self.packed = self._pack()
         self.versions = self._versions()
         conv_dim, width = m.conv1d.weight.shape[0], m.conv1d.weight.shape[-1]
-        self.conv_state = torch.zeros(len(mixers), rows, conv_dim, width - 1, device=model.device)
-        self.ssm_state = torch.zeros(len(mixers), rows, m.nheads, m.headdim, m.d_state, device=model.device)
+        self.conv_state = torch.zeros(len(mixers), rows, conv_dim, width - 1, device=model.device, dtype=self.dtype)
+        self.ssm_state = torch.zeros(len(mixers), rows, m.nheads, m.headdim, m.d_state, device=model.device,
+                                     dtype=self.dtype)
 
     def _params(self) -> list[Tensor]:
         return [t for layer in self.layers for t in (layer.norm.weight, layer.mixer.out_proj.weight,
@@ -79,7 +81,7 @@ class ChainDecoder:
 
     def _pack(self) -> dict:
         mixers = [layer.mixer for layer in self.layers]
-        f32 = lambda ts: torch.stack([t.detach().float() for t in ts]).contiguous()  # noqa: E731
+        f32 = lambda ts: torch.stack([t.detach().to(self.dtype) for t in ts]).contiguous()  # noqa: E731
         return dict(out_weight_t=ak.decode_chain.pack_out_weights([mx.out_proj.weight.detach() for mx in mixers],
                                                                   [mx.norm.weight.detach() for mx in mixers]),
                     conv_weight=f32(mx.conv1d.weight.squeeze(1) for mx in mixers),
@@ -99,14 +101,14 @@ class ChainDecoder:
 
     def adaln(self, mods: list[Tensor]) -> Tensor:
         """(3, L, R, d): per block the previous block's gate, norm weight * (1 + scale), shift (once per generation)."""
-        shift, scale, gate = torch.stack(mods).float().unbind(2)  # each (L, R, d)
+        shift, scale, gate = torch.stack(mods).to(self.dtype).unbind(2)  # each (L, R, d)
         gate_prev = torch.cat([torch.ones_like(gate[:1]), gate[:-1]])
         return torch.stack([gate_prev, self.packed["norm_weight"][:, None] * (1 + scale), shift]).to(
             self.model.dtype).contiguous()
 
     def args(self, hidden: Tensor, adaln: Tensor) -> list:
         p = self.packed
-        return [hidden.float(), self.in_weight, p["out_weight_t"], adaln, self.conv_state, self.ssm_state,
+        return [hidden.to(self.dtype), self.in_weight, p["out_weight_t"], adaln, self.conv_state, self.ssm_state,
                 p["conv_weight"], p["conv_bias"], p["A_log"], p["D"], p["dt_bias"], NORM_EPS]
 
     def not_supported_reasons(self, hidden: Tensor, adaln: Tensor) -> list[str]:

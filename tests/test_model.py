@@ -106,6 +106,33 @@ def small_model(**overrides) -> AiM:
     return AiM(AiMConfig(**{**cfg, **overrides})).double().eval()
 
 
+def test_chain_decoder_steps_like_the_blocks():
+    """ChainDecoder (every block in one op: on the CPU its reference) gives model.step's logits, so its packed
+    layout, adaLN rows and gates mean what the blocks do; refresh follows weights changed in place."""
+    from aim.model import ChainDecoder
+    model = small_model(n_layer=3)
+    torch.nn.init.normal_(model.backbone.adaln_group[-1].weight, std=0.02)  # zero at init: give adaLN signal
+    cond = model.class_embedding(torch.tensor([1, model.config.num_classes]))
+    mods, final_mod = model.conditioning(cond)
+    chain, cache = ChainDecoder(model, 2), model.allocate_cache(2)
+    model.reset_cache(cache)
+    chain.reset()
+    adaln, last_gate = chain.adaln(mods), mods[-1][:, 2]
+    for step in range(4):
+        if step == 2:
+            with torch.no_grad():
+                for layer in model.backbone.layers:
+                    layer.mixer.out_proj.weight.mul_(-1.5)
+                    layer.mixer.D.add_(1.0)
+                    layer.norm.weight.mul_(0.5)
+            chain.refresh()
+            adaln = chain.adaln(mods)  # the block norm weights are in it
+        hidden = torch.randn(2, model.config.d_model, dtype=torch.float64)
+        ref = model.step(hidden, cache, mods, final_mod)
+        out = chain.step(hidden, adaln, last_gate, final_mod)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-12, step
+
+
 def test_sampled_generation_is_reproducible_and_in_range():
     model = small_model()
     labels = torch.tensor([0, 4, 2])
