@@ -51,49 +51,67 @@ class ReplayCache(NamedTuple):
         return self._replace(**{name: getattr(self, name)[rows] for name in per_row})
 
 
-class ChainDecoder:
-    """Batch-1 decode (2 rows: one guided image) of every block in one kernel, `ak.mamba2_decode_chain`: its
-    packed parameters (out_proj transposed with the gated-norm weight folded in; the small parameters as float32)
-    and its caches, stacked over blocks. Built per generation setup; `refresh` re-packs, in place, parameters
-    changed since (e.g. by training), so captured graphs keep their addresses."""
+class ChainPack:
+    """Every block's parameters as `ak.mamba2_decode_chain` takes them: out_proj transposed with the gated-norm
+    weight folded in (a copy: a third of the weights), the small parameters stacked in float32 (float64 models:
+    float64). One per model (`of`), shared by its decoders; `refresh` re-packs, in place, parameters changed
+    since (e.g. by training), so captured graphs keep their addresses."""
 
-    def __init__(self, model: "AiM", rows: int):
-        self.model, self.layers = model, list(model.backbone.layers)
-        mixers = [layer.mixer for layer in self.layers]
-        m = mixers[0]
-        self.in_weight = [mx.in_proj.weight for mx in mixers]
-        self.dtype = torch.promote_types(model.dtype, torch.float32)  # caches, small parameters, activations
-        self.packed = self._pack()
-        self.versions = self._versions()
-        conv_dim, width = m.conv1d.weight.shape[0], m.conv1d.weight.shape[-1]
-        self.conv_state = torch.zeros(len(mixers), rows, conv_dim, width - 1, device=model.device, dtype=self.dtype)
-        self.ssm_state = torch.zeros(len(mixers), rows, m.nheads, m.headdim, m.d_state, device=model.device,
-                                     dtype=self.dtype)
+    def __init__(self, model: "AiM"):
+        self.layers = list(model.backbone.layers)
+        self.in_weight = [layer.mixer.in_proj.weight for layer in self.layers]
+        self.dtype = torch.promote_types(model.dtype, torch.float32)
+        self.pointers, self.versions = self._state()
+        self.tensors = self._pack()
 
-    def _params(self) -> list[Tensor]:
-        return [t for layer in self.layers for t in (layer.norm.weight, layer.mixer.out_proj.weight,
-                                                     layer.mixer.norm.weight, layer.mixer.conv1d.weight,
-                                                     layer.mixer.conv1d.bias, layer.mixer.A_log, layer.mixer.D,
-                                                     layer.mixer.dt_bias)]
+    @staticmethod
+    def of(model: "AiM") -> "ChainPack":
+        """The model's pack, packed again if its weights moved (`model.to(...)`), refreshed if they changed."""
+        pack = model.__dict__.get("_chain_pack")
+        if pack is None or pack._state()[0] != pack.pointers:
+            pack = model.__dict__["_chain_pack"] = ChainPack(model)
+        pack.refresh()
+        return pack
 
-    def _versions(self) -> list[tuple[int, int]]:
-        return [(t.data_ptr(), t._version) for t in self._params()]
+    def _state(self) -> tuple[list[int], list[int]]:
+        params = [t for layer in self.layers for t in (layer.norm.weight, layer.mixer.out_proj.weight,
+                                                       layer.mixer.norm.weight, layer.mixer.conv1d.weight,
+                                                       layer.mixer.conv1d.bias, layer.mixer.A_log, layer.mixer.D,
+                                                       layer.mixer.dt_bias)]
+        return [t.data_ptr() for t in params], [t._version for t in params]
 
     def _pack(self) -> dict:
         mixers = [layer.mixer for layer in self.layers]
-        f32 = lambda ts: torch.stack([t.detach().to(self.dtype) for t in ts]).contiguous()  # noqa: E731
+        stack = lambda ts: torch.stack([t.detach().to(self.dtype) for t in ts]).contiguous()  # noqa: E731
         return dict(out_weight_t=ak.decode_chain.pack_out_weights([mx.out_proj.weight.detach() for mx in mixers],
                                                                   [mx.norm.weight.detach() for mx in mixers]),
-                    conv_weight=f32(mx.conv1d.weight.squeeze(1) for mx in mixers),
-                    conv_bias=f32(mx.conv1d.bias for mx in mixers), A_log=f32(mx.A_log for mx in mixers),
-                    D=f32(mx.D for mx in mixers), dt_bias=f32(mx.dt_bias for mx in mixers),
-                    norm_weight=f32(layer.norm.weight for layer in self.layers))
+                    conv_weight=stack(mx.conv1d.weight.squeeze(1) for mx in mixers),
+                    conv_bias=stack(mx.conv1d.bias for mx in mixers), A_log=stack(mx.A_log for mx in mixers),
+                    D=stack(mx.D for mx in mixers), dt_bias=stack(mx.dt_bias for mx in mixers),
+                    norm_weight=stack(layer.norm.weight for layer in self.layers))
 
     def refresh(self) -> None:
-        if self._versions() != self.versions:
+        versions = self._state()[1]
+        if versions != self.versions:
             for name, t in self._pack().items():
-                self.packed[name].copy_(t)
-            self.versions = self._versions()
+                self.tensors[name].copy_(t)
+            self.versions = versions
+
+
+class ChainDecoder:
+    """Batch-1 decode (2 rows: one guided image) of every block in one kernel, `ak.mamba2_decode_chain`: the
+    model's ChainPack and this decoder's caches, stacked over blocks."""
+
+    def __init__(self, model: "AiM", rows: int):
+        self.model, self.pack = model, ChainPack.of(model)
+        m, layers = model.backbone.layers[0].mixer, len(model.backbone.layers)
+        conv_dim, width, dtype = m.conv1d.weight.shape[0], m.conv1d.weight.shape[-1], self.pack.dtype
+        self.conv_state = torch.zeros(layers, rows, conv_dim, width - 1, device=model.device, dtype=dtype)
+        self.ssm_state = torch.zeros(layers, rows, m.nheads, m.headdim, m.d_state, device=model.device, dtype=dtype)
+
+    def refresh(self) -> None:
+        """Re-pack parameters changed in place since (before replaying a graph that captured this decoder)."""
+        self.pack.refresh()
 
     def reset(self) -> None:
         self.conv_state.zero_()
@@ -101,15 +119,15 @@ class ChainDecoder:
 
     def adaln(self, mods: list[Tensor]) -> Tensor:
         """(3, L, R, d): per block the previous block's gate, norm weight * (1 + scale), shift (once per generation)."""
-        shift, scale, gate = torch.stack(mods).to(self.dtype).unbind(2)  # each (L, R, d)
+        shift, scale, gate = torch.stack(mods).to(self.pack.dtype).unbind(2)  # each (L, R, d)
         gate_prev = torch.cat([torch.ones_like(gate[:1]), gate[:-1]])
-        return torch.stack([gate_prev, self.packed["norm_weight"][:, None] * (1 + scale), shift]).to(
+        return torch.stack([gate_prev, self.pack.tensors["norm_weight"][:, None] * (1 + scale), shift]).to(
             self.model.dtype).contiguous()
 
     def args(self, hidden: Tensor, adaln: Tensor) -> list:
-        p = self.packed
-        return [hidden.to(self.dtype), self.in_weight, p["out_weight_t"], adaln, self.conv_state, self.ssm_state,
-                p["conv_weight"], p["conv_bias"], p["A_log"], p["D"], p["dt_bias"], NORM_EPS]
+        p = self.pack.tensors
+        return [hidden.to(self.pack.dtype), self.pack.in_weight, p["out_weight_t"], adaln, self.conv_state,
+                self.ssm_state, p["conv_weight"], p["conv_bias"], p["A_log"], p["D"], p["dt_bias"], NORM_EPS]
 
     def not_supported_reasons(self, hidden: Tensor, adaln: Tensor) -> list[str]:
         return ak.decode_chain.not_supported_reasons(*self.args(hidden, adaln))

@@ -131,6 +131,9 @@ def test_chain_decoder_steps_like_the_blocks():
         ref = model.step(hidden, cache, mods, final_mod)
         out = chain.step(hidden, adaln, last_gate, final_mod)
         assert ((out - ref).norm() / ref.norm()).item() < 1e-12, step
+    assert ChainDecoder(model, 2).pack is chain.pack  # one pack per model, shared by its decoders
+    model.float()
+    assert ChainDecoder(model, 2).pack is not chain.pack  # the weights moved: packed again
 
 
 def test_sampled_generation_is_reproducible_and_in_range():
