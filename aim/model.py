@@ -69,8 +69,9 @@ class ChainPack:
         """The model's pack, packed again if its weights moved (`model.to(...)`), refreshed if they changed."""
         pack = model.__dict__.get("_chain_pack")
         if pack is None or pack._state()[0] != pack.pointers:
-            pack = model.__dict__["_chain_pack"] = ChainPack(model)
-        pack.refresh()
+            pack = model.__dict__["_chain_pack"] = ChainPack(model)  # packed just now: nothing to refresh
+        else:
+            pack.refresh()
         return pack
 
     def _state(self) -> tuple[list[int], list[int]]:
