@@ -3,11 +3,11 @@
     python scripts/ab_generate.py prepare main experiments/my-branch     # here: trees under .ab/
     python scripts/ab_generate.py run --configs AiM-B:1:bfloat16 AiM-XL:64:float32   # on the GPU machine
 
-`prepare` writes each revision's `aim` and `aim_kernels` to .ab/<name> (git-ignored: pass ".ab" in the
-device tool's `carry`). `run` copies the freshly built CUDA extension (aim_kernels/_C*.so) into every
-tree, then for each round runs each tree in its own process with the tree as working directory (a
-process imports one tree only), and prints the median of each configuration per tree and its speed-up
-over the first tree. Interleaved rounds keep clock and thermal drift out of the comparison.
+`prepare` writes each revision's `aim`, `aim_kernels`, `csrc` and `setup.py` to .ab/<name> (git-ignored: pass
+".ab" in the device tool's `carry`). `run` copies the freshly built CUDA extension (aim_kernels/_C*.so) into
+every tree, or with --build-each builds each tree's own (for trees whose CUDA code differs), then for each
+round runs each tree in its own process with the tree as working directory (a process imports one tree only),
+and prints the median of each configuration per tree and its speed-up over the first tree. Interleaved rounds keep clock and thermal drift out of the comparison.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def prepare(revs: list[str]) -> None:
         dest = TREES / tree_name(rev)
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
-        archive = subprocess.run(["git", "archive", rev, "aim", "aim_kernels"], cwd=ROOT, check=True,
-                                 capture_output=True).stdout
+        paths = ["aim", "aim_kernels", "csrc", "setup.py"]
+        archive = subprocess.run(["git", "archive", rev, *paths], cwd=ROOT, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
                                 text=True).stdout.strip()
@@ -73,7 +73,17 @@ def summary(times: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def run(configs: list[str], names: list[str], rounds: int, repeats: int, timeout: int) -> None:
+def build_extension(tree: Path) -> None:
+    """The tree's own CUDA extension, built in place (the environment says how: TORCH_CUDA_ARCH_LIST, MAX_JOBS)."""
+    env = dict(os.environ, AIM_KERNELS_BUILD_CUDA="1")
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"building {tree.name}'s extension failed:\n{proc.stderr[-3000:]}")
+    print(f"{tree.name}: extension built", flush=True)
+
+
+def run(configs: list[str], names: list[str], rounds: int, repeats: int, timeout: int, build_each: bool) -> None:
     if not names:
         if not (TREES / "ORDER").exists():
             raise SystemExit("no trees: run `prepare` first (and carry .ab to the GPU machine)")
@@ -81,6 +91,9 @@ def run(configs: list[str], names: list[str], rounds: int, repeats: int, timeout
     built = glob.glob(str(ROOT / "aim_kernels" / "_C*.so"))
     times: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     for name in names:
+        if build_each:
+            build_extension(TREES / name)
+            continue
         for so in built:
             shutil.copy(so, TREES / name / "aim_kernels")
     for r in range(rounds):
@@ -114,11 +127,12 @@ def main() -> None:
     r.add_argument("--rounds", type=int, default=2)
     r.add_argument("--repeats", type=int, default=5, help="timed calls per configuration and round (median)")
     r.add_argument("--timeout", type=int, default=300, help="seconds per tree and round")
+    r.add_argument("--build-each", action="store_true", help="build each tree's own CUDA extension (~30 s each)")
     args = ap.parse_args()
     if args.command == "prepare":
         prepare(args.revs)
     else:
-        run(args.configs, args.trees, args.rounds, args.repeats, args.timeout)
+        run(args.configs, args.trees, args.rounds, args.repeats, args.timeout, args.build_each)
 
 
 if __name__ == "__main__":
