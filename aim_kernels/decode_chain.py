@@ -101,8 +101,9 @@ def not_supported_reasons(x: Tensor, in_weight: list[Tensor], out_weight_t: Tens
     if ssm_state.shape[3:] != (HEADDIM, D_STATE) or conv_weight.shape[2] != CONV_WIDTH:
         reasons.append(f"headdim {ssm_state.shape[3]}, d_state {ssm_state.shape[4]}, conv width "
                        f"{conv_weight.shape[2]}: the kernel takes {HEADDIM}, {D_STATE}, {CONV_WIDTH}")
-    if any(t.dtype != torch.bfloat16 for t in (*in_weight, out_weight_t, adaln)):
-        reasons.append("weights and adaln must be bfloat16")
+    if out_weight_t.dtype not in (torch.bfloat16, torch.float32) or any(
+            t.dtype != out_weight_t.dtype for t in (*in_weight, adaln)):
+        reasons.append("weights and adaln must be all bfloat16 or all float32")
     if any(t.dtype != torch.float32 for t in (x, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias)):
         reasons.append("x, the caches and the small parameters must be float32")
     tensors = (*in_weight, out_weight_t, adaln, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias)
@@ -150,7 +151,7 @@ def mamba2_decode_chain(x: Tensor, in_weight: list[Tensor], out_weight_t: Tensor
                         D: Tensor, dt_bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """One decode step of L Mamba2 blocks (module docstring): x (R, d), block 0's input (its residual too).
     Returns (the last block's mixer output, its residual), both (R, d) in x's dtype; updates the caches in place.
-    On CUDA (sm_90, 2 rows, bf16 weights, float32 caches, d_model 768 / 1024 / 1536) one kernel runs it all;
+    On CUDA (sm_90, 2 rows, bf16 or float32 weights, float32 caches, d_model 768 / 1024 / 1536) one kernel runs it;
     elsewhere the reference runs."""
     if not in_weight:
         raise ValueError("in_weight: at least one block")

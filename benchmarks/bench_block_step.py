@@ -5,7 +5,7 @@ output, as aim/model.py runs it in the state form:
   at few rows in_proj's z rows run in the SSM update's launch, see aim_kernels/decode.py);
 - two ops: `add_rmsnorm_modulate_linear` then `mamba2_decode_step` with out_proj (what the block step falls
   back to, and what the model ran before it);
-- chain (bf16, 2 rows, where its kernel runs): `mamba2_decode_chain` over the model's depth of blocks in one
+- chain (2 rows, where its kernel runs): `mamba2_decode_chain` over the model's depth of blocks in one
   persistent kernel, its time divided by the depth.
 
 At batch 1 a layer is latency-bound: the time is device time per layer over a chain of 20 calls on distinct
@@ -71,12 +71,12 @@ def run_two_ops(s: dict):
                                  s["out_weight"]), residual
 
 
-def make_chain(d: int, h: int, depth: int) -> list:
-    """mamba2_decode_chain's arguments for `depth` blocks of random weights (bf16) and caches."""
+def make_chain(d: int, h: int, depth: int, dtype: torch.dtype) -> list:
+    """mamba2_decode_chain's arguments for `depth` blocks of random weights (in dtype) and caches."""
     d_inner, conv_dim, dev = h * P, h * P + 2 * N, "cuda"
-    weight = lambda *s: (torch.randn(*s, device=dev) / s[-1] ** 0.5).bfloat16()  # noqa: E731
+    weight = lambda *s: (torch.randn(*s, device=dev) / s[-1] ** 0.5).to(dtype)  # noqa: E731
     return [torch.randn(2, d, device=dev), [weight(2 * d_inner + 2 * N + h, d) for _ in range(depth)],
-            weight(depth, d_inner, d), (1 + 0.1 * torch.randn(3, depth, 2, d, device=dev)).bfloat16(),
+            weight(depth, d_inner, d), (1 + 0.1 * torch.randn(3, depth, 2, d, device=dev)).to(dtype),
             torch.randn(depth, 2, conv_dim, W - 1, device=dev), torch.randn(depth, 2, h, P, N, device=dev),
             0.5 * torch.randn(depth, conv_dim, W, device=dev), 0.1 * torch.randn(depth, conv_dim, device=dev),
             torch.log(torch.empty(depth, h, device=dev).uniform_(1, 16)), torch.randn(depth, h, device=dev),
@@ -109,15 +109,15 @@ def main(argv=None) -> int:
                 rec.add(case="block", model=model, backend=path, dtype=str(dtype)[6:],
                         shape={"rows": args.rows, "d_model": d, "heads": h}, timing=r, bytes_moved=nbytes)
             del layers
-            if dtype == torch.bfloat16 and args.rows == 2:
-                chain = make_chain(d, h, DEPTH[model])
+            if args.rows == 2:
+                chain = make_chain(d, h, DEPTH[model], dtype)
                 reasons = decode_chain.not_supported_reasons(*chain)
                 if reasons:
                     print(f"# chain {model}: its kernel cannot run here: {'; '.join(reasons)}")
                 else:
                     r = time_graph(lambda i: ak.mamba2_decode_chain(*chain), 1, calls=4)
                     per_layer = {k: v / DEPTH[model] if k.endswith("_us") else v for k, v in r.items()}
-                    rec.add(case="block", model=model, backend="chain", dtype="bfloat16",
+                    rec.add(case="block", model=model, backend="chain", dtype=str(dtype)[6:],
                             shape={"rows": 2, "d_model": d, "heads": h, "layers": DEPTH[model]}, timing=per_layer,
                             bytes_moved=nbytes)
                 del chain

@@ -251,7 +251,7 @@ def block_step_section(gpu: str, rows: list[dict]) -> list[str]:
              "One AiM block, state form, from the block's input to its mixer's output (`mamba2_block_step` against "
              "`add_rmsnorm_modulate_linear` + `mamba2_decode_step`). Device time per layer over a chain of 20 calls on "
              "distinct layers' weights in one CUDA graph (median). Chain: `mamba2_decode_chain` over the model's depth "
-             "of blocks in one kernel (bf16, 2 rows), its time divided by the depth. Bytes: the layer's in_proj and "
+             "of blocks in one kernel (2 rows), its time divided by the depth. Bytes: the layer's in_proj and "
              "out_proj weights, the fp32 SSM state read and written, the step's I/O.", "",
              "| model | weights | rows | block step us | two ops us | speed-up | chain us per block | chain speed-up "
              "| GB/s (block step) | % copy (measured) |",

@@ -157,10 +157,11 @@ void check_f32(const at::Tensor& t, const char* name, const at::Tensor& ref, at:
               t.scalar_type(), " ", t.sizes());
 }
 
-void check_bf16(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef sizes) {
+void check_weight(const at::Tensor& t, const char* name, const at::Tensor& ref, at::ScalarType dtype,
+                  at::IntArrayRef sizes) {
   check_on(t, name, ref);
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && aligned16(t) && t.sizes() == sizes,
-              "aim_kernels_cuda: ", name, " must be a contiguous, 16-byte aligned bfloat16 ", sizes, " tensor, got ",
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && aligned16(t) && t.sizes() == sizes,
+              "aim_kernels_cuda: ", name, " must be a contiguous, 16-byte aligned ", dtype, " ", sizes, " tensor, got ",
               t.scalar_type(), " ", t.sizes());
 }
 
@@ -176,16 +177,18 @@ void decode_chain(const at::TensorList in_weight, const at::Tensor& in_weight_pt
   TORCH_CHECK(L >= 1 && ssm_state.dim() == 5, "aim_kernels_cuda: decode_chain needs layers and an (L, 2, H, P, N) ssm_state");
   const int64_t d = x.size(-1), di = 2 * d, H = ssm_state.size(2), ns = aimk::kChainDState;
   const int64_t conv_dim = di + 2 * ns, n1 = 2 * di + 2 * ns + H, K = aimk::kChainReplicas;
-  const int smem = aimk::decode_chain_smem_bytes(static_cast<int>(d));
+  const auto wt = out_weight_t.scalar_type();
+  TORCH_CHECK(wt == at::kBFloat16 || wt == at::kFloat, "aim_kernels_cuda: decode_chain takes bfloat16 or float32 weights");
+  const int smem = aimk::decode_chain_smem_bytes(static_cast<int>(d), wt == at::kFloat);
   TORCH_CHECK(smem > 0, "aim_kernels_cuda: decode_chain is built for d_model 768, 1024 or 1536, got ", d);
   check_f32(residual, "residual", x, {R, d});
   check_f32(out, "out", x, {R, d});
-  for (int64_t l = 0; l < L; ++l) check_bf16(in_weight[l], "in_weight[l]", x, {n1, d});
+  for (int64_t l = 0; l < L; ++l) check_weight(in_weight[l], "in_weight[l]", x, wt, {n1, d});
   check_on(in_weight_ptrs, "in_weight_ptrs", x);
   TORCH_CHECK(in_weight_ptrs.scalar_type() == at::kLong && in_weight_ptrs.is_contiguous() && in_weight_ptrs.numel() == L,
               "aim_kernels_cuda: in_weight_ptrs must be L int64 pointers");
-  check_bf16(out_weight_t, "out_weight_t", x, {L, di, d});
-  check_bf16(adaln, "adaln", x, {3, L, R, d});
+  check_weight(out_weight_t, "out_weight_t", x, wt, {L, di, d});
+  check_weight(adaln, "adaln", x, wt, {3, L, R, d});
   check_f32(conv_state, "conv_state", x, {L, R, conv_dim, aimk::kChainConvWidth - 1});
   check_f32(ssm_state, "ssm_state", x, {L, R, H, aimk::kChainHeaddim, ns});
   check_f32(conv_weight, "conv_weight", x, {L, conv_dim, aimk::kChainConvWidth});
@@ -210,6 +213,7 @@ void decode_chain(const at::TensorList in_weight, const at::Tensor& in_weight_pt
   p.in_weight = reinterpret_cast<const void* const*>(in_weight_ptrs.data_ptr<int64_t>());
   p.out_weight_t = out_weight_t.data_ptr();
   p.adaln = adaln.data_ptr();
+  p.weights_f32 = wt == at::kFloat;
   p.conv_state = conv_state.data_ptr<float>();
   p.ssm_state = ssm_state.data_ptr<float>();
   p.conv_weight = conv_weight.data_ptr<float>();

@@ -128,10 +128,11 @@ def needs_kernel():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d, heads, layers", [(768, 24, 3), (1024, 32, 2), (1536, 48, 3)])
-def test_cuda_matches_float64(d, heads, layers):
+def test_cuda_matches_float64(d, heads, layers, weight_dtype):
     needs_kernel()
-    inp, _ = make_chain_inputs(layers, d, heads, device="cuda", seed=d + layers)
+    inp, _ = make_chain_inputs(layers, d, heads, weight_dtype=weight_dtype, device="cuda", seed=d + layers)
     check_cuda(inp, steps=3)
 
 

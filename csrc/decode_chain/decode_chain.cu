@@ -24,9 +24,9 @@ constexpr int ROWS = kChainRows, NS = kChainDState, K = kChainReplicas;
 constexpr int WARPS = 8, CONSUMERS = WARPS * 32, THREADS = CONSUMERS + 32;
 static_assert(kChainMaxBCDTRows == WARPS, "one B/C/dt row per consumer warp");
 
-template <int D>
+template <int D, typename W>
 struct Ring {
-  static constexpr int SLOT = WARPS * D * 2;  // 8 rows of in_proj or out_proj^T
+  static constexpr int SLOT = WARPS * D * sizeof(W);  // 8 rows of in_proj or out_proj^T
   static constexpr int SLOTS = (210 * 1024 - ROWS * D * 4) / SLOT;
   static constexpr int SMEM = SLOTS * SLOT + 2 * SLOTS * 8 + ROWS * D * 4;
 };
@@ -82,7 +82,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
-__device__ __forceinline__ void unpack8(const uint4 v, float f[8]) {
+// 8 (load8) or 4 (load4) consecutive weights from shared memory as float32; 16- / 8-byte aligned for bf16
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float f[8]) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
   const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -91,6 +93,17 @@ __device__ __forceinline__ void unpack8(const uint4 v, float f[8]) {
     f[2 * i + 1] = t.y;
   }
 }
+__device__ __forceinline__ void load8(const float* p, float f[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
+  const uint2 v = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 // part's share [lo, hi) of n items split in parts
 __device__ __forceinline__ void share(int n, int part, int parts, int& lo, int& hi) {
   lo = static_cast<int>(static_cast<long long>(n) * part / parts);
@@ -109,7 +122,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target)
 // The constants tile: pieces of (L, ...) tensors, each copied as the 16-byte-aligned span around the wanted
 // elements. emit(piece, src, bytes, dst offset, offset of the first wanted element).
 enum Piece { GATE, MOD, SHIFT, CW_X, CB_X, CS_X0, CS_X1, CW_BC, CB_BC, CS_BC0, CS_BC1, A_LOG, D_SKIP, DT_BIAS, PIECES };
-template <int D, class Emit>
+template <int D, typename W, class Emit>
 __device__ __forceinline__ void const_pieces(const ChainParams& p, int l, int c0, int nch, int bc0, int nbc, Emit emit) {
   constexpr int DI = 2 * D, CONV_DIM = DI + 2 * NS;
   const int H = p.heads;
@@ -121,11 +134,11 @@ __device__ __forceinline__ void const_pieces(const ChainParams& p, int l, int c0
          dst + static_cast<unsigned>(e0 * esize - b0));
     dst += static_cast<unsigned>(b1 - b0);
   };
-  const __nv_bfloat16* adaln = static_cast<const __nv_bfloat16*>(p.adaln);
+  const W* adaln = static_cast<const W*>(p.adaln);
   const size_t plane = static_cast<size_t>(p.layers) * ROWS * D, lrow = static_cast<size_t>(l) * ROWS * D;
-  span(GATE, adaln, lrow, ROWS * D, 2);
-  span(MOD, adaln, plane + lrow, ROWS * D, 2);
-  span(SHIFT, adaln, 2 * plane + lrow, ROWS * D, 2);
+  span(GATE, adaln, lrow, ROWS * D, sizeof(W));
+  span(MOD, adaln, plane + lrow, ROWS * D, sizeof(W));
+  span(SHIFT, adaln, 2 * plane + lrow, ROWS * D, sizeof(W));
   const size_t lc = static_cast<size_t>(l) * CONV_DIM;
   span(CW_X, p.conv_weight, (lc + c0) * 4, nch * 4, 4);
   span(CB_X, p.conv_bias, lc + c0, nch, 4);
@@ -141,10 +154,11 @@ __device__ __forceinline__ void const_pieces(const ChainParams& p, int l, int c0
 }
 #endif
 
-template <int D>
+template <int D, typename W>
 __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using S = Ring<D>;
+  using S = Ring<D, W>;
+  constexpr int WB = sizeof(W);
   constexpr int DI = 2 * D, CH = D / 256, NBC = 2 * NS, CONV_DIM = DI + NBC;
   constexpr int LL_PER_THREAD = (ROWS * (NBC + MAX_HEADS) + CONSUMERS - 1) / CONSUMERS;
   constexpr int A_PER_THREAD = (ROWS * D / 4 + CONSUMERS - 1) / CONSUMERS;
@@ -188,31 +202,31 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
       if (bytes2) bulk_copy(smem + slot * S::SLOT + offset2, src2, bytes2, &full[slot]);
       ++i;
     };
-    const __nv_bfloat16* w_out_t = static_cast<const __nv_bfloat16*>(p.out_weight_t);
+    const W* w_out_t = static_cast<const W*>(p.out_weight_t);
     for (int l = 0; l < p.layers; ++l) {
       {
         const unsigned slot = acquire_slot();
         unsigned total = 0;
-        const_pieces<D>(p, l, c0, nch, b0, nbc, [&](int, const unsigned char*, unsigned bytes, unsigned, unsigned) {
+        const_pieces<D, W>(p, l, c0, nch, b0, nbc, [&](int, const unsigned char*, unsigned bytes, unsigned, unsigned) {
           total += bytes;
         });
         mbar_expect_tx(&full[slot], total);
-        const_pieces<D>(p, l, c0, nch, b0, nbc, [&](int, const unsigned char* src, unsigned bytes, unsigned dst, unsigned) {
+        const_pieces<D, W>(p, l, c0, nch, b0, nbc, [&](int, const unsigned char* src, unsigned bytes, unsigned dst, unsigned) {
           bulk_copy(smem + slot * S::SLOT + dst, src, bytes, &full[slot]);
         });
         ++i;
       }
-      const __nv_bfloat16* w = static_cast<const __nv_bfloat16*>(p.in_weight[l]);
-      if (nb > 0) issue(w + static_cast<size_t>(2 * DI + b0) * D, nb * D * 2, nullptr, 0, 0);
+      const W* w = static_cast<const W*>(p.in_weight[l]);
+      if (nb > 0) issue(w + static_cast<size_t>(2 * DI + b0) * D, nb * D * WB, nullptr, 0, 0);
       for (int t = 0; t < nch; t += ZX) {
         const int n = min(ZX, nch - t);
-        issue(w + static_cast<size_t>(c0 + t) * D, n * D * 2, w + static_cast<size_t>(DI + c0 + t) * D, n * D * 2,
-              ZX * D * 2);
+        issue(w + static_cast<size_t>(c0 + t) * D, n * D * WB, w + static_cast<size_t>(DI + c0 + t) * D, n * D * WB,
+              ZX * D * WB);
       }
       const float* st = p.ssm_state + (static_cast<size_t>(l) * ROWS * HP + c0) * NS;
       issue(st, nch * NS * 4, st + static_cast<size_t>(HP) * NS, nch * NS * 4, nch * NS * 4);
       for (int t = 0; t < nch; t += WARPS)
-        issue(w_out_t + (static_cast<size_t>(l) * DI + c0 + t) * D, min(WARPS, nch - t) * D * 2, nullptr, 0, 0);
+        issue(w_out_t + (static_cast<size_t>(l) * DI + c0 + t) * D, min(WARPS, nch - t) * D * WB, nullptr, 0, 0);
     }
     return;
   }
@@ -232,13 +246,13 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
   unsigned first[PIECES];
   for (int l = 0; l < p.layers; ++l) {
     // (1) the constants tile, held until the B/C/dt tile is done; what the rest needs is kept in small arrays
-    const_pieces<D>(p, l, c0, nch, b0, nbc, [&](int k, const unsigned char*, unsigned, unsigned, unsigned f) {
+    const_pieces<D, W>(p, l, c0, nch, b0, nbc, [&](int k, const unsigned char*, unsigned, unsigned, unsigned f) {
       first[k] = f;
     });
     const unsigned const_index = i++;
     const unsigned char* ct = wait_slot(const_index);
     auto cf = [&](int k) { return reinterpret_cast<const float*>(ct + first[k]); };
-    auto cb = [&](int k) { return reinterpret_cast<const __nv_bfloat16*>(ct + first[k]); };
+    auto cw_ = [&](int k) { return reinterpret_cast<const W*>(ct + first[k]); };  // adaln rows, in W
     if (tid < nch) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) cw[tid][k] = cf(CW_X)[tid * 4 + k];
@@ -284,11 +298,9 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
         // block 0's "previous output" is zero (acc[0] is zeroed), whatever its scale
         const float s = rsqrtf((r == 0 ? ss_prev[0] : ss_prev[ROWS - 1]) / DI + p.eps);
         const float4 b = *reinterpret_cast<const float4*>(resid_s + idx);
-        const uint2 gq = *reinterpret_cast<const uint2*>(cb(GATE) + idx);
-        const float2 g0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gq.x));
-        const float2 g1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gq.y));
-        const float4 x = l == 0 ? b : make_float4(b.x + g0.x * a[k].x * s, b.y + g0.y * a[k].y * s,
-                                                  b.z + g1.x * a[k].z * s, b.w + g1.y * a[k].w * s);
+        const float4 g = load4(cw_(GATE) + idx);
+        const float4 x = l == 0 ? b : make_float4(b.x + g.x * a[k].x * s, b.y + g.y * a[k].y * s,
+                                                  b.z + g.z * a[k].z * s, b.w + g.w * a[k].w * s);
         *reinterpret_cast<float4*>(resid_s + idx) = x;
 #pragma unroll
         for (int rr = 0; rr < ROWS; ++rr)
@@ -312,8 +324,8 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
           const float4 u = reinterpret_cast<const float4*>(resid_s + col)[0];
           const float4 v = reinterpret_cast<const float4*>(resid_s + col)[1];
           float m[8], sh[8];
-          unpack8(*reinterpret_cast<const uint4*>(cb(MOD) + col), m);
-          unpack8(*reinterpret_cast<const uint4*>(cb(SHIFT) + col), sh);
+          load8(cw_(MOD) + col, m);
+          load8(cw_(SHIFT) + col, sh);
           const float xv[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
 #pragma unroll
           for (int e = 0; e < 8; ++e) h[r][c][e] = xv[e] * rstd * m[e] + sh[e];
@@ -326,7 +338,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
 #pragma unroll
       for (int c = 0; c < CH; ++c) {
         float w[8];
-        unpack8(*reinterpret_cast<const uint4*>(row + (c * 256 + lane * 8) * 2), w);
+        load8(reinterpret_cast<const W*>(row) + c * 256 + lane * 8, w);
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
 #pragma unroll
@@ -343,7 +355,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
       const unsigned char* tile = wait_slot(k);
       if (warp < nb) {
         float v[ROWS];
-        dot_rows(tile + warp * D * 2, v);
+        dot_rows(tile + warp * D * WB, v);
         if (lane < ROWS) {
           const int r = lane, row = b0 + warp;
           const float raw = r == 0 ? v[0] : v[ROWS - 1];
@@ -378,7 +390,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
       const int j = t + warp % ZX;
       if (j < nch) {
         float v[ROWS];
-        dot_rows(tile + warp * D * 2, v);
+        dot_rows(tile + warp * D * WB, v);
         if (lane < ROWS) (warp < ZX ? zr : xr)[lane][j] = lane == 0 ? v[0] : v[ROWS - 1];
       }
       release_slot(k);
@@ -453,7 +465,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
           const int n = min(WARPS, nch - t);
           for (int j = 0; j < n; ++j) {
             float w[8];
-            unpack8(*reinterpret_cast<const uint4*>(tile + (j * D + col) * 2), w);
+            load8(reinterpret_cast<const W*>(tile) + j * D + col, w);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
               const float gv = gs[r][t + j];
@@ -499,15 +511,15 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
 #endif
 }
 
-template <int D>
+template <int D, typename W>
 cudaError_t launch(const ChainParams& p, int grid, cudaStream_t stream) {
-  auto kernel = decode_chain_kernel<D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ring<D>::SMEM);
+  auto kernel = decode_chain_kernel<D, W>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ring<D, W>::SMEM);
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(THREADS);
-  config.dynamicSmemBytes = Ring<D>::SMEM;
+  config.dynamicSmemBytes = Ring<D, W>::SMEM;
   config.stream = stream;
   cudaLaunchAttribute attribute;
   attribute.id = cudaLaunchAttributeCooperative;  // every CTA resident: the grid barrier needs it
@@ -517,15 +529,30 @@ cudaError_t launch(const ChainParams& p, int grid, cudaStream_t stream) {
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 
-}  // namespace
+template <typename W>
+cudaError_t launch_d(const ChainParams& p, int grid, cudaStream_t stream) {
+  switch (p.d_model) {
+    case 768: return launch<768, W>(p, grid, stream);
+    case 1024: return launch<1024, W>(p, grid, stream);
+    case 1536: return launch<1536, W>(p, grid, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
-int decode_chain_smem_bytes(int d_model) {
+template <typename W>
+int smem_bytes(int d_model) {
   switch (d_model) {
-    case 768: return Ring<768>::SMEM + kChainStaticSmem;
-    case 1024: return Ring<1024>::SMEM + kChainStaticSmem;
-    case 1536: return Ring<1536>::SMEM + kChainStaticSmem;
+    case 768: return Ring<768, W>::SMEM + kChainStaticSmem;
+    case 1024: return Ring<1024, W>::SMEM + kChainStaticSmem;
+    case 1536: return Ring<1536, W>::SMEM + kChainStaticSmem;
     default: return 0;
   }
+}
+
+}  // namespace
+
+int decode_chain_smem_bytes(int d_model, bool weights_f32) {
+  return weights_f32 ? smem_bytes<float>(d_model) : smem_bytes<__nv_bfloat16>(d_model);
 }
 
 cudaError_t decode_chain(const ChainParams& p, int grid, cudaStream_t stream) {
@@ -536,12 +563,7 @@ cudaError_t decode_chain(const ChainParams& p, int grid, cudaStream_t stream) {
       (err = cudaMemsetAsync(p.bcdt, 0, static_cast<size_t>(p.layers) * ROWS * (2 * NS + H) * 8, stream)) != cudaSuccess ||
       (err = cudaMemsetAsync(p.barrier, 0, 4, stream)) != cudaSuccess)
     return err;
-  switch (D) {
-    case 768: return launch<768>(p, grid, stream);
-    case 1024: return launch<1024>(p, grid, stream);
-    case 1536: return launch<1536>(p, grid, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return p.weights_f32 ? launch_d<float>(p, grid, stream) : launch_d<__nv_bfloat16>(p, grid, stream);
 }
 
 }  // namespace aimk

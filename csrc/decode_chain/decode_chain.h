@@ -11,9 +11,11 @@
 namespace aimk {
 
 struct ChainParams {
-  const void* const* in_weight;  // device array of L pointers to (N1, D) bf16 in_proj weights, N1 = 2 DI + 2 NS + H
-  const void* out_weight_t;      // (L, DI, D) bf16: out_proj transposed, the mixer's norm weight folded in
-  const void* adaln;             // (3, L, 2, D) bf16: gate on the previous block's output, norm weight * (1 + scale), shift
+  // weights and adaln: all bf16, or all float32 (weights_f32)
+  const void* const* in_weight;  // device array of L pointers to (N1, D) in_proj weights, N1 = 2 DI + 2 NS + H
+  const void* out_weight_t;      // (L, DI, D): out_proj transposed, the mixer's norm weight folded in
+  const void* adaln;             // (3, L, 2, D): gate on the previous block's output, norm weight * (1 + scale), shift
+  bool weights_f32;
   float* conv_state;             // (L, 2, DI + 2 NS, 3), updated in place
   float* ssm_state;              // (L, 2, H, P, NS), updated in place
   const float* conv_weight;      // (L, DI + 2 NS, 4)
@@ -38,8 +40,9 @@ constexpr int kChainRows = 2, kChainReplicas = 2, kChainHeaddim = 64, kChainDSta
 constexpr int kChainMaxChannels = 32, kChainMaxBCDTRows = 8, kChainMaxHeads = 64;
 constexpr int kChainStaticSmem = 6 * 1024;  // the kernel's static shared memory, rounded up
 
-// Shared memory the kernel needs for d_model, or 0 if d_model is not one it was built for (768, 1024, 1536).
-int decode_chain_smem_bytes(int d_model);
+// Shared memory the kernel needs for d_model and the weights' dtype, or 0 if d_model is not one it was built for
+// (768, 1024, 1536).
+int decode_chain_smem_bytes(int d_model, bool weights_f32);
 // Launches the chain on `grid` CTAs (the SM count): zeroes the scratch, then one cooperative launch.
 cudaError_t decode_chain(const ChainParams& p, int grid, cudaStream_t stream);
 
