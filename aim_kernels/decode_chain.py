@@ -17,6 +17,8 @@ ngroups is 1 (B and C shared by all heads); d_inner = 2 d. Decode-only: no autog
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -106,7 +108,7 @@ def not_supported_reasons(x: Tensor, in_weight: list[Tensor], out_weight_t: Tens
         reasons.append("weights and adaln must be all bfloat16 or all float32")
     if any(t.dtype != torch.float32 for t in (x, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias)):
         reasons.append("x, the caches and the small parameters must be float32")
-    tensors = (*in_weight, out_weight_t, adaln, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias)
+    tensors = (x, *in_weight, out_weight_t, adaln, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias)
     if any(not t.is_contiguous() or t.data_ptr() % 16 for t in tensors):
         reasons.append("every tensor must be contiguous and 16-byte aligned")
     return reasons
@@ -127,18 +129,21 @@ def _pointer_table(in_weight: list[Tensor]) -> Tensor:
     return table
 
 
+@functools.cache
+def _scratch_bytes(layers: int, d_model: int, heads: int) -> int:
+    """The kernel's scratch (B/C/dt words, out_proj sums, sums of squares, barrier), zeroed by one memset."""
+    return torch.ops.aim_kernels_cuda.decode_chain_scratch_bytes(layers, d_model, heads)
+
+
 def _mamba2_decode_chain_cuda(x: Tensor, in_weight: list[Tensor], out_weight_t: Tensor, adaln: Tensor,
                               conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
                               A_log: Tensor, D: Tensor, dt_bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     layers, (rows, d), heads = len(in_weight), x.shape, A_log.shape[1]
-    residual, out = x.clone(), torch.empty_like(x)
-    acc = x.new_empty(layers + 1, 2, rows, d)  # K = 2 replicas of each block's output sums
-    sumsq = x.new_empty(layers + 1, 2, rows)
-    bcdt = torch.empty(layers, rows, 2 * D_STATE + heads, dtype=torch.int64, device=x.device)
-    barrier = torch.empty(1, dtype=torch.int32, device=x.device)
+    residual, out = torch.empty_like(x), torch.empty_like(x)
+    scratch = torch.empty(_scratch_bytes(layers, d, heads), dtype=torch.uint8, device=x.device)
     torch.ops.aim_kernels_cuda.decode_chain(in_weight, _pointer_table(in_weight), out_weight_t, adaln, conv_state,
-                                            ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, residual, out, acc,
-                                            sumsq, bcdt, barrier, eps)
+                                            ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, x, residual, out,
+                                            scratch, eps)
     return out, residual
 
 

@@ -165,22 +165,27 @@ void check_weight(const at::Tensor& t, const char* name, const at::Tensor& ref, 
               t.scalar_type(), " ", t.sizes());
 }
 
+int64_t decode_chain_scratch_bytes(int64_t layers, int64_t d_model, int64_t heads) {
+  return static_cast<int64_t>(aimk::decode_chain_scratch_bytes(static_cast<int>(layers), static_cast<int>(d_model),
+                                                               static_cast<int>(heads)));
+}
+
 void decode_chain(const at::TensorList in_weight, const at::Tensor& in_weight_ptrs, const at::Tensor& out_weight_t,
                   const at::Tensor& adaln, const at::Tensor& conv_state, const at::Tensor& ssm_state,
                   const at::Tensor& conv_weight, const at::Tensor& conv_bias, const at::Tensor& A_log, const at::Tensor& D,
-                  const at::Tensor& dt_bias, const at::Tensor& residual, const at::Tensor& out, const at::Tensor& acc,
-                  const at::Tensor& sumsq, const at::Tensor& bcdt, const at::Tensor& barrier, double eps) {
-  const at::Tensor& x = residual;
-  check_on(x, "residual", x);
+                  const at::Tensor& dt_bias, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& out,
+                  const at::Tensor& scratch, double eps) {
+  check_on(x, "x", x);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t L = static_cast<int64_t>(in_weight.size()), R = aimk::kChainRows;
   TORCH_CHECK(L >= 1 && ssm_state.dim() == 5, "aim_kernels_cuda: decode_chain needs layers and an (L, 2, H, P, N) ssm_state");
   const int64_t d = x.size(-1), di = 2 * d, H = ssm_state.size(2), ns = aimk::kChainDState;
-  const int64_t conv_dim = di + 2 * ns, n1 = 2 * di + 2 * ns + H, K = aimk::kChainReplicas;
+  const int64_t conv_dim = di + 2 * ns, n1 = 2 * di + 2 * ns + H;
   const auto wt = out_weight_t.scalar_type();
   TORCH_CHECK(wt == at::kBFloat16 || wt == at::kFloat, "aim_kernels_cuda: decode_chain takes bfloat16 or float32 weights");
   const int smem = aimk::decode_chain_smem_bytes(static_cast<int>(d), wt == at::kFloat);
   TORCH_CHECK(smem > 0, "aim_kernels_cuda: decode_chain is built for d_model 768, 1024 or 1536, got ", d);
+  check_f32(x, "x", x, {R, d});
   check_f32(residual, "residual", x, {R, d});
   check_f32(out, "out", x, {R, d});
   for (int64_t l = 0; l < L; ++l) check_weight(in_weight[l], "in_weight[l]", x, wt, {n1, d});
@@ -194,13 +199,11 @@ void decode_chain(const at::TensorList in_weight, const at::Tensor& in_weight_pt
   check_f32(conv_weight, "conv_weight", x, {L, conv_dim, aimk::kChainConvWidth});
   check_f32(conv_bias, "conv_bias", x, {L, conv_dim});
   for (const auto* t : {&A_log, &D, &dt_bias}) check_f32(*t, "A_log, D and dt_bias", x, {L, H});
-  check_f32(acc, "acc", x, {L + 1, K, R, d});
-  check_f32(sumsq, "sumsq", x, {L + 1, K, R});
-  check_on(bcdt, "bcdt", x);
-  TORCH_CHECK(bcdt.scalar_type() == at::kLong && bcdt.is_contiguous() && bcdt.numel() == L * R * (2 * ns + H),
-              "aim_kernels_cuda: bcdt must be a contiguous int64 (L, 2, 2 N + H) tensor");
-  check_on(barrier, "barrier", x);
-  TORCH_CHECK(barrier.scalar_type() == at::kInt && barrier.numel() >= 1, "aim_kernels_cuda: barrier must be int32");
+  const int64_t scratch_bytes = decode_chain_scratch_bytes(L, d, H);
+  check_on(scratch, "scratch", x);
+  TORCH_CHECK(scratch.is_contiguous() && aligned16(scratch) && scratch.nbytes() == static_cast<size_t>(scratch_bytes),
+              "aim_kernels_cuda: scratch must be a contiguous, 16-byte aligned tensor of decode_chain_scratch_bytes = ",
+              scratch_bytes, " bytes, got ", scratch.nbytes());
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   const int grid = prop->multiProcessorCount;
   TORCH_CHECK(prop->major >= 9, "aim_kernels_cuda: decode_chain needs sm_90 or newer");
@@ -221,17 +224,15 @@ void decode_chain(const at::TensorList in_weight, const at::Tensor& in_weight_pt
   p.A_log = A_log.data_ptr<float>();
   p.D = D.data_ptr<float>();
   p.dt_bias = dt_bias.data_ptr<float>();
+  p.x = x.data_ptr<float>();
   p.residual = residual.data_ptr<float>();
   p.out = out.data_ptr<float>();
-  p.acc = acc.data_ptr<float>();
-  p.sumsq = sumsq.data_ptr<float>();
-  p.bcdt = reinterpret_cast<unsigned long long*>(bcdt.data_ptr<int64_t>());
-  p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
   p.layers = static_cast<int>(L);
   p.d_model = static_cast<int>(d);
   p.heads = static_cast<int>(H);
   p.eps = static_cast<float>(eps);
-  check_launch(aimk::decode_chain(p, grid, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()), "decode_chain");
+  check_launch(aimk::decode_chain(p, scratch.data_ptr(), grid, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
+               "decode_chain");
 }
 
 std::string build_info() {
@@ -249,8 +250,8 @@ TORCH_LIBRARY_FRAGMENT(aim_kernels_cuda, m) {
         "bool silu) -> ()");
   m.def("decode_chain(Tensor[] in_weight, Tensor in_weight_ptrs, Tensor out_weight_t, Tensor adaln, "
         "Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor conv_weight, Tensor conv_bias, Tensor A_log, Tensor D, "
-        "Tensor dt_bias, Tensor(c!) residual, Tensor(d!) out, Tensor(e!) acc, Tensor(f!) sumsq, Tensor(g!) bcdt, "
-        "Tensor(h!) barrier, float eps) -> ()");
+        "Tensor dt_bias, Tensor x, Tensor(c!) residual, Tensor(d!) out, Tensor(e!) scratch, float eps) -> ()");
+  m.def("decode_chain_scratch_bytes(int layers, int d_model, int heads) -> int", &decode_chain_scratch_bytes);
 }
 
 TORCH_LIBRARY_IMPL(aim_kernels_cuda, CUDA, m) {

@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
     if (lane == 0) mbar_arrive(&empty[k % S::SLOTS]);
   };
   for (int idx = tid * 4; idx < ROWS * D; idx += CONSUMERS * 4)
-    *reinterpret_cast<float4*>(resid_s + idx) = __ldcg(reinterpret_cast<const float4*>(p.residual + idx));
+    *reinterpret_cast<float4*>(resid_s + idx) = __ldcg(reinterpret_cast<const float4*>(p.x + idx));
   float h[ROWS][CH][8];
   unsigned first[PIECES];
   for (int l = 0; l < p.layers; ++l) {
@@ -549,20 +549,38 @@ int smem_bytes(int d_model) {
   }
 }
 
+// The scratch's layout: bcdt first (8-byte words), then acc, sumsq (padded to 16 bytes) and the barrier.
+struct ScratchLayout {
+  size_t bcdt, acc, sumsq, barrier, total;
+  ScratchLayout(int layers, int d_model, int heads) {
+    auto pad16 = [](size_t n) { return (n + 15) / 16 * 16; };
+    bcdt = 0;
+    acc = pad16(static_cast<size_t>(layers) * ROWS * (2 * NS + heads) * 8);
+    sumsq = acc + static_cast<size_t>(layers + 1) * K * ROWS * d_model * 4;
+    barrier = sumsq + pad16(static_cast<size_t>(layers + 1) * K * ROWS * 4);
+    total = barrier + 16;
+  }
+};
+
 }  // namespace
 
 int decode_chain_smem_bytes(int d_model, bool weights_f32) {
   return weights_f32 ? smem_bytes<float>(d_model) : smem_bytes<__nv_bfloat16>(d_model);
 }
 
-cudaError_t decode_chain(const ChainParams& p, int grid, cudaStream_t stream) {
-  const int D = p.d_model, H = p.heads;
-  cudaError_t err;
-  if ((err = cudaMemsetAsync(p.acc, 0, static_cast<size_t>(p.layers + 1) * K * ROWS * D * 4, stream)) != cudaSuccess ||
-      (err = cudaMemsetAsync(p.sumsq, 0, static_cast<size_t>(p.layers + 1) * K * ROWS * 4, stream)) != cudaSuccess ||
-      (err = cudaMemsetAsync(p.bcdt, 0, static_cast<size_t>(p.layers) * ROWS * (2 * NS + H) * 8, stream)) != cudaSuccess ||
-      (err = cudaMemsetAsync(p.barrier, 0, 4, stream)) != cudaSuccess)
-    return err;
+size_t decode_chain_scratch_bytes(int layers, int d_model, int heads) {
+  return ScratchLayout(layers, d_model, heads).total;
+}
+
+cudaError_t decode_chain(ChainParams p, void* scratch, int grid, cudaStream_t stream) {
+  const ScratchLayout s(p.layers, p.d_model, p.heads);
+  auto* base = static_cast<unsigned char*>(scratch);
+  p.bcdt = reinterpret_cast<unsigned long long*>(base + s.bcdt);
+  p.acc = reinterpret_cast<float*>(base + s.acc);
+  p.sumsq = reinterpret_cast<float*>(base + s.sumsq);
+  p.barrier = reinterpret_cast<unsigned*>(base + s.barrier);
+  const cudaError_t err = cudaMemsetAsync(scratch, 0, s.total, stream);
+  if (err != cudaSuccess) return err;
   return p.weights_f32 ? launch_d<float>(p, grid, stream) : launch_d<__nv_bfloat16>(p, grid, stream);
 }
 

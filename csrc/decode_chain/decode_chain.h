@@ -5,6 +5,7 @@
 // mbarriers, vector atomics) and every CTA resident at once (a cooperative launch, one CTA per SM).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
@@ -23,12 +24,14 @@ struct ChainParams {
   const float* A_log;            // (L, H)
   const float* D;                // (L, H)
   const float* dt_bias;          // (L, H)
-  float* residual;               // (2, D): in, block 0's input; out, the last block's residual
+  const float* x;                // (2, D): block 0's input (its residual too)
+  float* residual;               // (2, D): the last block's residual
   float* out;                    // (2, D): the last block's mixer output
-  float* acc;                    // scratch (L + 1, K, 2, D): each block's out_proj sums, K replicas
-  float* sumsq;                  // scratch (L + 1, K, 2): the gated norms' sums of squares
-  unsigned long long* bcdt;      // scratch (L, 2, 2 NS + H)
-  unsigned* barrier;             // scratch (1)
+  // Carved by decode_chain() from one scratch allocation, zeroed by one memset:
+  unsigned long long* bcdt;      // (L, 2, 2 NS + H)
+  float* acc;                    // (L + 1, K, 2, D): each block's out_proj sums, K replicas
+  float* sumsq;                  // (L + 1, K, 2): the gated norms' sums of squares
+  unsigned* barrier;             // (1)
   int layers, d_model, heads;
   float eps;
 };
@@ -43,7 +46,10 @@ constexpr int kChainStaticSmem = 6 * 1024;  // the kernel's static shared memory
 // Shared memory the kernel needs for d_model and the weights' dtype, or 0 if d_model is not one it was built for
 // (768, 1024, 1536).
 int decode_chain_smem_bytes(int d_model, bool weights_f32);
-// Launches the chain on `grid` CTAs (the SM count): zeroes the scratch, then one cooperative launch.
-cudaError_t decode_chain(const ChainParams& p, int grid, cudaStream_t stream);
+// Bytes of the scratch that decode_chain() carves into bcdt, acc, sumsq and barrier.
+size_t decode_chain_scratch_bytes(int layers, int d_model, int heads);
+// Launches the chain on `grid` CTAs (the SM count): zeroes `scratch` (decode_chain_scratch_bytes, 16-byte aligned)
+// with one memset, then one cooperative launch. p's scratch pointers are set from it.
+cudaError_t decode_chain(ChainParams p, void* scratch, int grid, cudaStream_t stream);
 
 }  // namespace aimk
