@@ -56,13 +56,16 @@ def replay_form(model, rows: int, state_dtype: torch.dtype, decode_form: str = "
 def chain_decoder(model, rows: int, state_dtype: torch.dtype, decode_form: str = "auto"):
     """The whole-chain kernel for this generation (aim.model.ChainDecoder), or None: then the blocks step one by one.
     Under decode_form "auto", at 2 rows (one guided image), where its kernel runs (sm_90, bf16 or float32 weights,
-    float32 state, Mamba2 blocks with shared B/C). Per block on an H200 (bf16, 2 rows): AiM-B 9.8 against 11.3 us, AiM-XL
-    14.8 against 20.0 us (benchmarks/bench_block_step.py)."""
+    float32 state, Mamba2 blocks with shared B/C), except float32 weights at d_model < 1024, where the blocks are as
+    fast. Per block on an H200 (bf16, 2 rows): AiM-B 9.8 against 11.3 us, AiM-XL 14.8 against 20.0 us; on an H100
+    (float32): AiM-B 11.1 against 11.0 us, AiM-L 14.1 against 15.3, AiM-XL 29.2 against 30.5
+    (benchmarks/bench_block_step.py)."""
     from aim.model import ChainDecoder  # aim.model imports this module
     c = model.config
     if (decode_form != "auto" or rows != 2 or model.device.type != "cuda" or c.layer != "Mamba2"
             or c.mixer["ngroups"] != 1 or state_dtype != torch.float32
             or model.dtype not in (torch.bfloat16, torch.float32)
+            or (model.dtype == torch.float32 and c.d_model < 1024)
             or model.backbone.layers[0].mixer.conv1d.bias is None):
         return None
     chain = ChainDecoder(model, rows)

@@ -15,10 +15,10 @@ def rel_err(out, ref) -> float:
     return err
 
 
-def aim_b_layers(n_layer: int, **overrides) -> AiM:
-    """AiM-B's width with fewer layers: the real kernel shapes at test cost."""
+def few_layers(n_layer: int, preset: str = "AiM-B", **overrides) -> AiM:
+    """A preset's width with fewer layers: the real kernel shapes at test cost."""
     torch.manual_seed(0)
-    model = AiM(AiMConfig.from_preset("AiM-B", n_layer=n_layer, **overrides))
+    model = AiM(AiMConfig.from_preset(preset, n_layer=n_layer, **overrides))
     for layer in model.backbone.layers:  # the official init zeroes adaLN: give it signal to test
         torch.nn.init.normal_(layer.adaLN_modulation[-1].weight, std=0.02)
     torch.nn.init.normal_(model.backbone.final_layer.adaLN_modulation[-1].weight, std=0.02)
@@ -28,7 +28,7 @@ def aim_b_layers(n_layer: int, **overrides) -> AiM:
 # 2 rows: bf16 decodes on two streams (aim.generation.row_streams); 6 / 10: GEMV / GEMM (float32) projections
 @pytest.fixture(scope="module", params=[1, 3, 5], ids=["2rows", "6rows", "10rows"])
 def reference_and_inputs(request):
-    model = aim_b_layers(4)
+    model = few_layers(4)
     labels = torch.tensor([3, 999, 512, 7, 0][:request.param])
     tokens = torch.randint(model.config.vocab_size, (len(labels), model.config.num_tokens))
     ref64 = copy.deepcopy(model).double().cuda()
@@ -36,7 +36,8 @@ def reference_and_inputs(request):
     return model, labels, tokens, logits
 
 
-# "auto" at 2 rows in bf16: every block in one kernel (aim.generation.chain_decoder) where it runs
+# "auto" at 2 rows in bf16: every block in one kernel (aim.generation.chain_decoder) where it runs (float32 at
+# AiM-B's width steps block by block: test_chain_kernel_float32_matches_float64 covers the chain in float32)
 @pytest.mark.parametrize("form", ["state", "replay", "auto"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 def test_teacher_forced_decode_matches_float64(reference_and_inputs, dtype, tol, form):
@@ -53,7 +54,7 @@ def test_teacher_forced_decode_matches_float64(reference_and_inputs, dtype, tol,
 @pytest.mark.parametrize("batch", [1, 5, 17])  # 2 rows: two streams in bf16; 10: state form; 34: replay form
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replay_equals_eager(dtype, batch):
-    model = aim_b_layers(3).to("cuda", dtype)
+    model = few_layers(3).to("cuda", dtype)
     labels = torch.arange(batch, device="cuda")
 
     def run(cuda_graph):
@@ -71,7 +72,7 @@ def test_steps_in_row_blocks_on_streams_match_one_stream(monkeypatch, batch, dty
     """Each step as two row blocks on two CUDA streams (2 rows: 1 + 1; 34 rows: 17 + 17, replay form) gives
     the teacher-forced logits of the whole-batch step."""
     from aim import generation
-    model = aim_b_layers(3).to("cuda", dtype)
+    model = few_layers(3).to("cuda", dtype)
     labels = torch.arange(batch, device="cuda")
     tokens = torch.randint(model.config.vocab_size, (batch, model.config.num_tokens), device="cuda")
 
@@ -90,7 +91,7 @@ def test_chain_kernel_matches_blocks_and_follows_weight_updates():
     """At batch 1 in bf16 the whole-chain kernel decodes (where it runs): its teacher-forced logits match the
     block-by-block state form, and a captured generation re-packs weights changed in place since."""
     from aim import generation
-    model = aim_b_layers(3).to("cuda", torch.bfloat16)
+    model = few_layers(3).to("cuda", torch.bfloat16)
     if generation.chain_decoder(model, 2, torch.float32) is None:
         pytest.skip("the chain kernel does not run on this GPU")
     labels = torch.tensor([5], device="cuda")
@@ -116,8 +117,25 @@ def test_chain_kernel_matches_blocks_and_follows_weight_updates():
     assert (graphed != before).double().mean().item() > 0.5
 
 
+def test_chain_kernel_float32_matches_float64():
+    """float32 weights through the whole-chain kernel ("auto" takes it from d_model 1024, AiM-L's width):
+    teacher-forced logits within 1e-4 of float64, the per-step argmax the reference's at >= 99.9% of steps."""
+    from aim import generation
+    model = few_layers(3, "AiM-L")
+    fast = copy.deepcopy(model).to("cuda", torch.float32)
+    if generation.chain_decoder(fast, 2, torch.float32) is None:
+        pytest.skip("the chain kernel does not run on this GPU")
+    labels = torch.tensor([11])
+    tokens = torch.randint(model.config.vocab_size, (1, model.config.num_tokens))
+    _, ref = copy.deepcopy(model).double().cuda().generate_tokens(labels, cfg_scale=1.75, forced_tokens=tokens,
+                                                                  return_logits=True)
+    _, logits = fast.generate_tokens(labels, cfg_scale=1.75, forced_tokens=tokens, return_logits=True)
+    assert rel_err(logits, ref) < 1e-4
+    assert (logits.argmax(-1) == ref.argmax(-1)).double().mean().item() >= 0.999
+
+
 def test_graph_is_recaptured_when_weights_move():
-    model = aim_b_layers(2).cuda()
+    model = few_layers(2).cuda()
     labels = torch.tensor([0], device="cuda")
     model.generate_tokens(labels)
     (first,) = model._cuda_graphs.values()
