@@ -19,8 +19,10 @@ def few_layers(n_layer: int, preset: str = "AiM-B", **overrides) -> AiM:
     """A preset's width with fewer layers: the real kernel shapes at test cost."""
     torch.manual_seed(0)
     model = AiM(AiMConfig.from_preset(preset, n_layer=n_layer, **overrides))
-    for layer in model.backbone.layers:  # the official init zeroes adaLN: give it signal to test
-        torch.nn.init.normal_(layer.adaLN_modulation[-1].weight, std=0.02)
+    adaln = [model.backbone.adaln_group] if model.config.adaln_group else \
+        [layer.adaLN_modulation for layer in model.backbone.layers]
+    for mod in adaln:  # the official init zeroes adaLN: give it signal to test
+        torch.nn.init.normal_(mod[-1].weight, std=0.02)
     torch.nn.init.normal_(model.backbone.final_layer.adaLN_modulation[-1].weight, std=0.02)
     return model.eval()
 
