@@ -211,9 +211,10 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
           total += bytes;
         });
         mbar_expect_tx(&full[slot], total);
-        const_pieces<D, W>(p, l, c0, nch, b0, nbc, [&](int, const unsigned char* src, unsigned bytes, unsigned dst, unsigned) {
-          bulk_copy(smem + slot * S::SLOT + dst, src, bytes, &full[slot]);
-        });
+        const_pieces<D, W>(p, l, c0, nch, b0, nbc,
+                           [&](int, const unsigned char* src, unsigned bytes, unsigned dst, unsigned) {
+                             bulk_copy(smem + slot * S::SLOT + dst, src, bytes, &full[slot]);
+                           });
         ++i;
       }
       const W* w = static_cast<const W*>(p.in_weight[l]);
@@ -252,7 +253,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
     const unsigned const_index = i++;
     const unsigned char* ct = wait_slot(const_index);
     auto cf = [&](int k) { return reinterpret_cast<const float*>(ct + first[k]); };
-    auto cw_ = [&](int k) { return reinterpret_cast<const W*>(ct + first[k]); };  // adaln rows, in W
+    auto adaln_row = [&](int k) { return reinterpret_cast<const W*>(ct + first[k]); };  // in W
     if (tid < nch) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) cw[tid][k] = cf(CW_X)[tid * 4 + k];
@@ -298,7 +299,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
         // block 0's "previous output" is zero (acc[0] is zeroed), whatever its scale
         const float s = rsqrtf((r == 0 ? ss_prev[0] : ss_prev[ROWS - 1]) / DI + p.eps);
         const float4 b = *reinterpret_cast<const float4*>(resid_s + idx);
-        const float4 g = load4(cw_(GATE) + idx);
+        const float4 g = load4(adaln_row(GATE) + idx);
         const float4 x = l == 0 ? b : make_float4(b.x + g.x * a[k].x * s, b.y + g.y * a[k].y * s,
                                                   b.z + g.z * a[k].z * s, b.w + g.w * a[k].w * s);
         *reinterpret_cast<float4*>(resid_s + idx) = x;
@@ -324,8 +325,8 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
           const float4 u = reinterpret_cast<const float4*>(resid_s + col)[0];
           const float4 v = reinterpret_cast<const float4*>(resid_s + col)[1];
           float m[8], sh[8];
-          load8(cw_(MOD) + col, m);
-          load8(cw_(SHIFT) + col, sh);
+          load8(adaln_row(MOD) + col, m);
+          load8(adaln_row(SHIFT) + col, sh);
           const float xv[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
 #pragma unroll
           for (int e = 0; e < 8; ++e) h[r][c][e] = xv[e] * rstd * m[e] + sh[e];
