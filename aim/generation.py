@@ -160,9 +160,7 @@ class Decoding:
         self.cond = self.model.class_embedding(rows)
         self.mods, self.final_mod = self.model.conditioning(self.cond)
         self.block_mods = [([m[block] for m in self.mods], self.final_mod[block]) for block in self.row_blocks]
-        if self.chain:
-            if not torch.cuda.is_current_stream_capturing():  # a graph's caller refreshes before replaying it
-                self.chain.refresh()
+        if self.chain:  # its pack is fresh: built just now (ChainPack.of), or refreshed by DecodeGraph before a replay
             self.adaln, self.last_gate = self.chain.adaln(self.mods), self.mods[-1][:, 2]
             self.chain.reset()
         else:

@@ -150,15 +150,9 @@ void causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, con
                "causal_conv1d_update");
 }
 
-void check_f32(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef sizes) {
-  check_on(t, name, ref);
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && aligned16(t) && t.sizes() == sizes,
-              "aim_kernels_cuda: ", name, " must be a contiguous, 16-byte aligned float32 ", sizes, " tensor, got ",
-              t.scalar_type(), " ", t.sizes());
-}
-
-void check_weight(const at::Tensor& t, const char* name, const at::Tensor& ref, at::ScalarType dtype,
-                  at::IntArrayRef sizes) {
+// A contiguous, 16-byte aligned tensor of `dtype` and `sizes` on ref's device.
+void check_dense(const at::Tensor& t, const char* name, const at::Tensor& ref, at::ScalarType dtype,
+                 at::IntArrayRef sizes) {
   check_on(t, name, ref);
   TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && aligned16(t) && t.sizes() == sizes,
               "aim_kernels_cuda: ", name, " must be a contiguous, 16-byte aligned ", dtype, " ", sizes, " tensor, got ",
@@ -185,20 +179,20 @@ void decode_chain(const at::TensorList in_weight, const at::Tensor& in_weight_pt
   TORCH_CHECK(wt == at::kBFloat16 || wt == at::kFloat, "aim_kernels_cuda: decode_chain takes bfloat16 or float32 weights");
   const int smem = aimk::decode_chain_smem_bytes(static_cast<int>(d), wt == at::kFloat);
   TORCH_CHECK(smem > 0, "aim_kernels_cuda: decode_chain is built for d_model 768, 1024 or 1536, got ", d);
-  check_f32(x, "x", x, {R, d});
-  check_f32(residual, "residual", x, {R, d});
-  check_f32(out, "out", x, {R, d});
-  for (int64_t l = 0; l < L; ++l) check_weight(in_weight[l], "in_weight[l]", x, wt, {n1, d});
+  check_dense(x, "x", x, at::kFloat, {R, d});
+  check_dense(residual, "residual", x, at::kFloat, {R, d});
+  check_dense(out, "out", x, at::kFloat, {R, d});
+  for (int64_t l = 0; l < L; ++l) check_dense(in_weight[l], "in_weight[l]", x, wt, {n1, d});
   check_on(in_weight_ptrs, "in_weight_ptrs", x);
   TORCH_CHECK(in_weight_ptrs.scalar_type() == at::kLong && in_weight_ptrs.is_contiguous() && in_weight_ptrs.numel() == L,
               "aim_kernels_cuda: in_weight_ptrs must be L int64 pointers");
-  check_weight(out_weight_t, "out_weight_t", x, wt, {L, di, d});
-  check_weight(adaln, "adaln", x, wt, {3, L, R, d});
-  check_f32(conv_state, "conv_state", x, {L, R, conv_dim, aimk::kChainConvWidth - 1});
-  check_f32(ssm_state, "ssm_state", x, {L, R, H, aimk::kChainHeaddim, ns});
-  check_f32(conv_weight, "conv_weight", x, {L, conv_dim, aimk::kChainConvWidth});
-  check_f32(conv_bias, "conv_bias", x, {L, conv_dim});
-  for (const auto* t : {&A_log, &D, &dt_bias}) check_f32(*t, "A_log, D and dt_bias", x, {L, H});
+  check_dense(out_weight_t, "out_weight_t", x, wt, {L, di, d});
+  check_dense(adaln, "adaln", x, wt, {3, L, R, d});
+  check_dense(conv_state, "conv_state", x, at::kFloat, {L, R, conv_dim, aimk::kChainConvWidth - 1});
+  check_dense(ssm_state, "ssm_state", x, at::kFloat, {L, R, H, aimk::kChainHeaddim, ns});
+  check_dense(conv_weight, "conv_weight", x, at::kFloat, {L, conv_dim, aimk::kChainConvWidth});
+  check_dense(conv_bias, "conv_bias", x, at::kFloat, {L, conv_dim});
+  for (const auto* t : {&A_log, &D, &dt_bias}) check_dense(*t, "A_log, D and dt_bias", x, at::kFloat, {L, H});
   const int64_t scratch_bytes = decode_chain_scratch_bytes(L, d, H);
   check_on(scratch, "scratch", x);
   TORCH_CHECK(scratch.is_contiguous() && aligned16(scratch) && scratch.nbytes() == static_cast<size_t>(scratch_bytes),
