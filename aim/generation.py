@@ -69,7 +69,7 @@ def chain_decoder(model, rows: int, state_dtype: torch.dtype, decode_form: str =
             or model.backbone.layers[0].mixer.conv1d.bias is None):
         return None
     chain = ChainDecoder(model, rows)
-    probe = torch.zeros(rows, c.d_model, device=model.device)
+    probe = torch.zeros(rows, c.d_model, device=model.device, dtype=model.dtype)
     adaln = torch.zeros(3, c.n_layer, rows, c.d_model, device=model.device, dtype=model.dtype)
     return None if chain.not_supported_reasons(probe, adaln) else chain
 

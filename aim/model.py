@@ -127,7 +127,7 @@ class ChainDecoder:
 
     def args(self, hidden: Tensor, adaln: Tensor) -> list:
         p = self.pack.tensors
-        return [hidden.to(self.pack.dtype), self.pack.in_weight, p["out_weight_t"], adaln, self.conv_state,
+        return [hidden, self.pack.in_weight, p["out_weight_t"], adaln, self.conv_state,
                 self.ssm_state, p["conv_weight"], p["conv_bias"], p["A_log"], p["D"], p["dt_bias"], NORM_EPS]
 
     def not_supported_reasons(self, hidden: Tensor, adaln: Tensor) -> list[str]:
@@ -136,7 +136,7 @@ class ChainDecoder:
     def step(self, hidden: Tensor, adaln: Tensor, last_gate: Tensor, final_mod: Tensor) -> Tensor:
         """One decoding step: hidden (R, d) -> logits (R, vocab); updates the caches in place."""
         out, residual = ak.mamba2_decode_chain(*self.args(hidden, adaln))
-        return self.model.head(out.to(self.model.dtype), last_gate, residual, final_mod)
+        return self.model.head(out, last_gate, residual, final_mod)
 
 
 class RMSNorm(nn.Module):

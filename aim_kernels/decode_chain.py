@@ -43,7 +43,8 @@ def pack_out_weights(out_weights: list[Tensor], mixer_norm_weights: list[Tensor]
 def mamba2_decode_chain_ref(x: Tensor, in_weight: list[Tensor], out_weight_t: Tensor, adaln: Tensor,
                             conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
                             A_log: Tensor, D: Tensor, dt_bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """mamba2_block_step_ref block after block, in x's dtype; updates the caches in place."""
+    """mamba2_block_step_ref block after block, in float32 (float64 for float64 x); updates the caches in place."""
+    io_dtype, x = x.dtype, x.to(_compute_dtype(x))
     gate, mod_a, shift = adaln.to(x.dtype).unbind(0)
     d, d_inner = x.shape[1], out_weight_t.shape[1]
     ones_d, ones_di = x.new_ones(d), x.new_ones(d_inner)
@@ -54,7 +55,12 @@ def mamba2_decode_chain_ref(x: Tensor, in_weight: list[Tensor], out_weight_t: Te
             conv_state[layer], ssm_state[layer], conv_weight[layer].to(x.dtype), conv_bias[layer].to(x.dtype),
             A_log[layer], D[layer].to(x.dtype), dt_bias[layer].to(x.dtype), ones_di, eps, ssm_state.shape[3], 1,
             out_weight_t[layer].t().to(x.dtype))
-    return out, residual
+    return out.to(io_dtype), residual
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The residual's and the arithmetic's dtype: float32, or float64 for float64 x."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 @torch.library.custom_op("aim_kernels::mamba2_decode_chain", mutates_args=("conv_state", "ssm_state"))
@@ -68,7 +74,7 @@ def _mamba2_decode_chain(x: Tensor, in_weight: list[Tensor], out_weight_t: Tenso
 
 @_mamba2_decode_chain.register_fake
 def _(x, in_weight, out_weight_t, adaln, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=_compute_dtype(x))
 
 
 def _kernel_limits(d_model: int, nheads: int, sms: int) -> list[str]:
@@ -106,8 +112,10 @@ def not_supported_reasons(x: Tensor, in_weight: list[Tensor], out_weight_t: Tens
     if out_weight_t.dtype not in (torch.bfloat16, torch.float32) or any(
             t.dtype != out_weight_t.dtype for t in (*in_weight, adaln)):
         reasons.append("weights and adaln must be all bfloat16 or all float32")
-    if any(t.dtype != torch.float32 for t in (x, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias)):
-        reasons.append("x, the caches and the small parameters must be float32")
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        reasons.append("x must be bfloat16 or float32")
+    if any(t.dtype != torch.float32 for t in (conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias)):
+        reasons.append("the caches and the small parameters must be float32")
     tensors = (x, *in_weight, out_weight_t, adaln, conv_state, ssm_state, conv_weight, conv_bias, A_log, D, dt_bias)
     if any(not t.is_contiguous() or t.data_ptr() % 16 for t in tensors):
         reasons.append("every tensor must be contiguous and 16-byte aligned")
@@ -139,7 +147,7 @@ def _mamba2_decode_chain_cuda(x: Tensor, in_weight: list[Tensor], out_weight_t: 
                               conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
                               A_log: Tensor, D: Tensor, dt_bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     layers, (rows, d), heads = len(in_weight), x.shape, A_log.shape[1]
-    residual, out = torch.empty_like(x), torch.empty_like(x)
+    residual, out = torch.empty(x.shape, dtype=torch.float32, device=x.device), torch.empty_like(x)
     scratch = torch.empty(_scratch_bytes(layers, d, heads), dtype=torch.uint8, device=x.device)
     torch.ops.aim_kernels_cuda.decode_chain(in_weight, _pointer_table(in_weight), out_weight_t, adaln, conv_state,
                                             ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, x, residual, out,
@@ -155,7 +163,9 @@ def mamba2_decode_chain(x: Tensor, in_weight: list[Tensor], out_weight_t: Tensor
                         conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor, A_log: Tensor,
                         D: Tensor, dt_bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """One decode step of L Mamba2 blocks (module docstring): x (R, d), block 0's input (its residual too).
-    Returns (the last block's mixer output, its residual), both (R, d) in x's dtype; updates the caches in place.
+    Returns (the last block's mixer output in x's dtype, its residual in float32 (float64 for float64 x)), both
+    (R, d); updates the caches in place. x is float32, float64, bfloat16 or float16: a bfloat16 model's hidden states go in
+    and out without conversion kernels around the chain.
     On CUDA (sm_90, 2 rows, bf16 or float32 weights, float32 caches, d_model 768 / 1024 / 1536) one kernel runs it;
     elsewhere the reference runs."""
     if not in_weight:
@@ -168,7 +178,7 @@ def mamba2_decode_chain(x: Tensor, in_weight: list[Tensor], out_weight_t: Tensor
     if conv_dim <= d_inner or (conv_dim - d_inner) % 2:
         raise ValueError(f"conv_weight must be (L, d_inner + 2 d_state, width), got {tuple(conv_weight.shape)}")
     d_state = (conv_dim - d_inner) // 2
-    check_tensor("x", x, (rows, d), device=dev, dtypes=(torch.float32, torch.float64))
+    check_tensor("x", x, (rows, d), device=dev, dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.float64))
     for i, w in enumerate(in_weight):
         check_tensor(f"in_weight[{i}]", w, (2 * d_inner + 2 * d_state + heads, d), device=dev)
     check_tensor("out_weight_t", out_weight_t, (layers, d_inner, d), device=dev)

@@ -179,9 +179,11 @@ void decode_chain(const at::TensorList in_weight, const at::Tensor& in_weight_pt
   TORCH_CHECK(wt == at::kBFloat16 || wt == at::kFloat, "aim_kernels_cuda: decode_chain takes bfloat16 or float32 weights");
   const int smem = aimk::decode_chain_smem_bytes(static_cast<int>(d), wt == at::kFloat);
   TORCH_CHECK(smem > 0, "aim_kernels_cuda: decode_chain is built for d_model 768, 1024 or 1536, got ", d);
-  check_dense(x, "x", x, at::kFloat, {R, d});
+  const auto io = x.scalar_type();
+  TORCH_CHECK(io == at::kBFloat16 || io == at::kFloat, "aim_kernels_cuda: decode_chain takes a bfloat16 or float32 x");
+  check_dense(x, "x", x, io, {R, d});
   check_dense(residual, "residual", x, at::kFloat, {R, d});
-  check_dense(out, "out", x, at::kFloat, {R, d});
+  check_dense(out, "out", x, io, {R, d});
   for (int64_t l = 0; l < L; ++l) check_dense(in_weight[l], "in_weight[l]", x, wt, {n1, d});
   check_on(in_weight_ptrs, "in_weight_ptrs", x);
   TORCH_CHECK(in_weight_ptrs.scalar_type() == at::kLong && in_weight_ptrs.is_contiguous() && in_weight_ptrs.numel() == L,
@@ -218,9 +220,10 @@ void decode_chain(const at::TensorList in_weight, const at::Tensor& in_weight_pt
   p.A_log = A_log.data_ptr<float>();
   p.D = D.data_ptr<float>();
   p.dt_bias = dt_bias.data_ptr<float>();
-  p.x = x.data_ptr<float>();
+  p.x = x.data_ptr();
   p.residual = residual.data_ptr<float>();
-  p.out = out.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.io_bf16 = io == at::kBFloat16;
   p.layers = static_cast<int>(L);
   p.d_model = static_cast<int>(d);
   p.heads = static_cast<int>(H);

@@ -77,9 +77,23 @@ def test_reference_is_the_model_block_chain():
     assert rel_err(inp["conv_state"], ref["conv_state"]) < 1e-12
 
 
-def test_opcheck():
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(x_dtype):
     inp, _ = make_chain_inputs(2, 32, 2, headdim=16, d_state=8, weight_dtype=torch.float32)
-    torch.library.opcheck(decode_chain._mamba2_decode_chain, args(inp))
+    torch.library.opcheck(decode_chain._mamba2_decode_chain, args(dict(inp, x=inp["x"].to(x_dtype))))
+
+
+def test_bfloat16_x_in_and_out():
+    """A bfloat16 x (a bf16 model's hidden state) runs as its float32 value: the output comes back rounded to
+    bfloat16 once, the residual in float32."""
+    inp, _ = make_chain_inputs(2, 32, 2, headdim=16, d_state=8, weight_dtype=torch.bfloat16)
+    x16 = inp["x"].bfloat16()
+    wide, narrow = cloned(dict(inp, x=x16.float())), cloned(dict(inp, x=x16))
+    out32, res32 = ak.mamba2_decode_chain(*args(wide))
+    out16, res16 = ak.mamba2_decode_chain(*args(narrow))
+    assert out16.dtype == torch.bfloat16 and res16.dtype == torch.float32
+    assert torch.equal(out16, out32.bfloat16()) and torch.equal(res16, res32)
+    assert torch.equal(narrow["ssm_state"], wide["ssm_state"])
 
 
 def test_rejects_bad_inputs():
@@ -93,7 +107,7 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="ssm_state"):
         ak.mamba2_decode_chain(*args(dict(inp, ssm_state=inp["ssm_state"][:, :, :1])))
     with pytest.raises(TypeError, match="x must have dtype"):
-        ak.mamba2_decode_chain(*args(dict(inp, x=inp["x"].half())))
+        ak.mamba2_decode_chain(*args(dict(inp, x=inp["x"].int())))
 
 
 def test_not_supported_reasons():
@@ -108,12 +122,14 @@ def check_cuda(inp, steps):
     """`steps` decode steps through the CUDA kernel against the float64 reference: outputs and both caches."""
     run, ref = cloned(inp), cloned(inp, torch.float64, "cpu")
     assert decode_chain.not_supported_reasons(*args(run)) == []
+    out_tol = 1e-4 if inp["x"].dtype == torch.float32 else 4e-3  # a bf16 output is rounded once
     for step in range(steps):
         run["x"].normal_(), ref["x"].copy_(run["x"])
         out, residual = ak.mamba2_decode_chain(*args(run))
         out_ref, residual_ref = decode_chain.mamba2_decode_chain_ref(*args(ref))
-        assert out.dtype == torch.float32 and not out.isnan().any() and not residual.isnan().any()
-        assert rel_err(out, out_ref) < 1e-4, step
+        assert out.dtype == inp["x"].dtype and residual.dtype == torch.float32
+        assert not out.isnan().any() and not residual.isnan().any()
+        assert rel_err(out, out_ref) < out_tol, step
         assert rel_err(residual, residual_ref) < 1e-5, step
         assert rel_err(run["ssm_state"], ref["ssm_state"]) < 1e-5, step
         assert rel_err(run["conv_state"], ref["conv_state"]) < 1e-5, step
@@ -134,6 +150,13 @@ def test_cuda_matches_float64(d, heads, layers, weight_dtype):
     needs_kernel()
     inp, _ = make_chain_inputs(layers, d, heads, weight_dtype=weight_dtype, device="cuda", seed=d + layers)
     check_cuda(inp, steps=3)
+
+
+@pytest.mark.gpu
+def test_cuda_bfloat16_x_matches_float64():
+    needs_kernel()
+    inp, _ = make_chain_inputs(3, 768, 24, device="cuda", seed=5)
+    check_cuda(dict(inp, x=inp["x"].bfloat16()), steps=3)
 
 
 @pytest.mark.gpu

@@ -242,7 +242,9 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
     if (lane == 0) mbar_arrive(&empty[k % S::SLOTS]);
   };
   for (int idx = tid * 4; idx < ROWS * D; idx += CONSUMERS * 4)
-    *reinterpret_cast<float4*>(resid_s + idx) = __ldcg(reinterpret_cast<const float4*>(p.x + idx));
+    *reinterpret_cast<float4*>(resid_s + idx) = p.io_bf16 ? load4(static_cast<const __nv_bfloat16*>(p.x) + idx)
+                                                          : __ldcg(reinterpret_cast<const float4*>(
+                                                                static_cast<const float*>(p.x) + idx));
   float h[ROWS][CH][8];
   unsigned first[PIECES];
   for (int l = 0; l < p.layers; ++l) {
@@ -503,7 +505,9 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
       float t = 0.f;
 #pragma unroll
       for (int rep = 0; rep < K; ++rep) t += __ldcg(p.acc + static_cast<size_t>(L * K + rep) * ROWS * D + idx);
-      p.out[idx] = t * (idx < D ? rs[0] : rs[ROWS - 1]);
+      const float o = t * (idx < D ? rs[0] : rs[ROWS - 1]);
+      if (p.io_bf16) static_cast<__nv_bfloat16*>(p.out)[idx] = __float2bfloat16_rn(o);
+      else static_cast<float*>(p.out)[idx] = o;
       p.residual[idx] = resid_s[idx];
     }
   }

@@ -24,9 +24,10 @@ struct ChainParams {
   const float* A_log;            // (L, H)
   const float* D;                // (L, H)
   const float* dt_bias;          // (L, H)
-  const float* x;                // (2, D): block 0's input (its residual too)
+  const void* x;                 // (2, D): block 0's input (its residual too), float32 or bf16 (io_bf16)
   float* residual;               // (2, D): the last block's residual
-  float* out;                    // (2, D): the last block's mixer output
+  void* out;                     // (2, D): the last block's mixer output, in x's dtype
+  bool io_bf16;
   // Carved by decode_chain() from one scratch allocation, zeroed by one memset:
   unsigned long long* bcdt;      // (L, 2, 2 NS + H)
   float* acc;                    // (L + 1, K, 2, D): each block's out_proj sums, K replicas
