@@ -22,6 +22,9 @@ namespace {
 
 constexpr int ROWS = kChainRows, NS = kChainDState, K = kChainReplicas;
 constexpr int WARPS = 8, CONSUMERS = WARPS * 32, THREADS = CONSUMERS + 32;
+#ifndef AIMK_CHAIN_HOLD_PCT
+#define AIMK_CHAIN_HOLD_PCT 50
+#endif
 static_assert(kChainMaxBCDTRows == WARPS, "one B/C/dt row per consumer warp");
 
 template <int D, typename W>
@@ -175,6 +178,12 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
   __shared__ float zr[ROWS][MAX_CH], xr[ROWS][MAX_CH], xs[ROWS][MAX_CH], gs[ROWS][MAX_CH];
   __shared__ float bc[ROWS][NBC], dts[ROWS][MAX_HEADS];
   __shared__ float cw[MAX_CH][5], cst[ROWS][MAX_CH][3], cA[MAX_HEADS], cD[MAX_HEADS];
+  // While the consumers wait on a dependent global load (the grid barrier and the output row after it, the
+  // B/C/dt words), the producer holds back copies it has no hurry for: a load queues behind the SM's copies in
+  // flight. It holds only while the ring is at least HOLD slots ahead of the consumers.
+  __shared__ volatile unsigned hold, released;
+  constexpr unsigned HOLD = S::SLOTS * AIMK_CHAIN_HOLD_PCT / 100;
+  static_assert(HOLD == 0 || HOLD >= 2, "a block's first two tiles (constants, B/C/dt rows) must be in flight");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
 
   if (tid == 0) {
@@ -183,6 +192,8 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
       mbar_init(&empty[i], WARPS);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    hold = 0;
+    released = 0;
   }
   __syncthreads();
 
@@ -193,6 +204,8 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
       const unsigned slot = i % S::SLOTS;
       mbar_wait(&empty[slot], ((i / S::SLOTS) & 1) ^ 1);
       if (i >= 1) mbar_wait(&full[(i - 1) % S::SLOTS], ((i - 1) / S::SLOTS) & 1);
+      if (HOLD > 0)
+        while (hold && i - released >= HOLD) __nanosleep(32);
       return slot;
     };
     auto issue = [&](const void* src, unsigned bytes, const void* src2, unsigned bytes2, unsigned offset2) {
@@ -239,7 +252,10 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
   };
   auto release_slot = [&](unsigned k) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[k % S::SLOTS]);
+    if (lane == 0) {
+      mbar_arrive(&empty[k % S::SLOTS]);
+      if (warp == 0 && k + 1 > released) released = k + 1;
+    }
   };
   for (int idx = tid * 4; idx < ROWS * D; idx += CONSUMERS * 4)
     *reinterpret_cast<float4*>(resid_s + idx) = p.io_bf16 ? load4(static_cast<const __nv_bfloat16*>(p.x) + idx)
@@ -270,8 +286,12 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
       cD[tid - 64] = cf(D_SKIP)[tid - 64];
     }
     // (2) the previous block's output is complete
-    if (l > 0) grid_barrier(p.barrier, static_cast<unsigned>(l * G));
-    else consumers_sync();
+    if (l > 0) {
+      if (tid == 0) hold = 1;
+      grid_barrier(p.barrier, static_cast<unsigned>(l * G));
+    } else {
+      consumers_sync();
+    }
     // (3) x = residual + gate * out; h = rmsnorm(x) * (norm weight * (1 + scale)) + shift
     {
       float4 a[A_PER_THREAD];
@@ -315,6 +335,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
         if (lane == 0) red[warp][r] = v;
       }
       consumers_sync();
+      if (tid == 0) hold = 0;
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         float t = 0.f;
@@ -408,6 +429,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
     }
     // (6) B, C and dt: spin on any word not yet of this epoch; then the SSM update, four (row, channel) pairs
     // per warp at a time, eight lanes each
+    if (tid == 0) hold = 1;
 #pragma unroll
     for (int k = 0; k < LL_PER_THREAD; ++k) {
       const int q = tid + k * CONSUMERS;
@@ -420,6 +442,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
       }
     }
     consumers_sync();
+    if (tid == 0) hold = 0;
     {
       const unsigned k = i++;
       const float4* tile = reinterpret_cast<const float4*>(wait_slot(k));
