@@ -17,8 +17,6 @@
 
 #include <cuda_bf16.h>
 
-#include <type_traits>
-
 namespace aimk {
 namespace {
 
@@ -179,10 +177,10 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
   __shared__ float cw[MAX_CH][5], cst[ROWS][MAX_CH][3], cA[MAX_HEADS], cD[MAX_HEADS];
   // While the consumers wait on a dependent global load (the grid barrier and the output row after it, the
   // B/C/dt words), the producer holds back copies it has no hurry for (a load queues behind the SM's copies
-  // in flight), while the ring is at least HOLD slots ahead of the consumers. Float32 weights only: their copies
-  // are 2x larger (AiM-XL end to end 1.07x on an H100); with bf16 weights holding lost 2-6%.
+  // in flight), while the ring is at least HOLD slots ahead of the consumers. Only with 48 KB copies (AiM-XL's
+  // float32 tiles: end to end 1.06-1.07x on an H100); AiM-L float32 (32 KB) lost 2% and the bf16 models 1-6%.
   __shared__ volatile unsigned hold, released;
-  constexpr unsigned HOLD = std::is_same<W, float>::value ? S::SLOTS * 3 / 4 : 0;
+  constexpr unsigned HOLD = S::SLOT >= 48 * 1024 ? S::SLOTS * 3 / 4 : 0;
   static_assert(HOLD == 0 || HOLD >= 2, "a block's first two tiles (constants, B/C/dt rows) must be in flight");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
 
