@@ -164,8 +164,8 @@ def mamba2_decode_chain(x: Tensor, in_weight: list[Tensor], out_weight_t: Tensor
                         D: Tensor, dt_bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """One decode step of L Mamba2 blocks (module docstring): x (R, d), block 0's input (its residual too).
     Returns (the last block's mixer output in x's dtype, its residual in float32 (float64 for float64 x)), both
-    (R, d); updates the caches in place. x is float32, float64, bfloat16 or float16: a bfloat16 model's hidden states go in
-    and out without conversion kernels around the chain.
+    (R, d); updates the caches in place. x is float32, float64, bfloat16 or float16: a bfloat16 model's hidden
+    state goes in and comes out without conversion kernels around the chain.
     On CUDA (sm_90, 2 rows, bf16 or float32 weights, float32 caches, d_model 768 / 1024 / 1536) one kernel runs it;
     elsewhere the reference runs."""
     if not in_weight:
