@@ -66,8 +66,9 @@ def chain_decoder(model, rows: int, state_dtype: torch.dtype, decode_form: str =
             or c.mixer["ngroups"] != 1 or state_dtype != torch.float32
             or model.dtype not in (torch.bfloat16, torch.float32)
             or (model.dtype == torch.float32 and c.d_model < 1024)
-            or model.backbone.layers[0].mixer.conv1d.bias is None):
-        return None
+            or model.backbone.layers[0].mixer.conv1d.bias is None
+            or ak.decode_chain.device_reasons(model.device, c.d_model, model.backbone.layers[0].mixer.nheads)):
+        return None  # checked before ChainDecoder packs a third of the weights for the kernel
     chain = ChainDecoder(model, rows)
     probe = torch.zeros(rows, c.d_model, device=model.device, dtype=model.dtype)
     adaln = torch.zeros(3, c.n_layer, rows, c.d_model, device=model.device, dtype=model.dtype)

@@ -26,7 +26,8 @@ from . import _ext
 from ._util import check_tensor
 from .decode import mamba2_block_step_ref
 
-__all__ = ["mamba2_decode_chain", "mamba2_decode_chain_ref", "pack_out_weights", "not_supported_reasons"]
+__all__ = ["mamba2_decode_chain", "mamba2_decode_chain_ref", "pack_out_weights", "device_reasons",
+           "not_supported_reasons"]
 
 ROWS, HEADDIM, D_STATE, CONV_WIDTH = 2, 64, 128, 4          # what the CUDA kernel is built for
 D_MODELS, MAX_CHANNELS, MAX_BCDT_ROWS, MAX_HEADS = (768, 1024, 1536), 32, 8, 64
@@ -90,20 +91,26 @@ def _kernel_limits(d_model: int, nheads: int, sms: int) -> list[str]:
     return reasons
 
 
-def not_supported_reasons(x: Tensor, in_weight: list[Tensor], out_weight_t: Tensor, adaln: Tensor,
-                          conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
-                          A_log: Tensor, D: Tensor, dt_bias: Tensor, eps: float) -> list[str]:
-    """Why the CUDA kernel cannot run these (already validated) inputs; the reference runs them instead."""
-    reasons = _ext.cuda_unavailable_reasons(x.device)
+def device_reasons(device: torch.device, d_model: int, nheads: int) -> list[str]:
+    """Why the CUDA kernel cannot run on `device` for this model width, whatever the tensors: callers check this
+    before packing weights for it (`aim.model.ChainPack` copies a third of them)."""
+    reasons = _ext.cuda_unavailable_reasons(device)
     if reasons:
         return reasons
-    prop = torch.cuda.get_device_properties(x.device)
+    prop = torch.cuda.get_device_properties(device)
     if prop.major < 9:
         reasons.append(f"compute capability {prop.major}.{prop.minor}: the kernel needs 9.0+ (bulk copies)")
     optin = getattr(prop, "shared_memory_per_block_optin", SMEM_NEEDED)  # torch without the field: the C++ checks
     if optin < SMEM_NEEDED:
         reasons.append(f"{optin} bytes of shared memory per block (needs {SMEM_NEEDED})")
-    reasons += _kernel_limits(x.shape[1], A_log.shape[1], prop.multi_processor_count)
+    return reasons + _kernel_limits(d_model, nheads, prop.multi_processor_count)
+
+
+def not_supported_reasons(x: Tensor, in_weight: list[Tensor], out_weight_t: Tensor, adaln: Tensor,
+                          conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
+                          A_log: Tensor, D: Tensor, dt_bias: Tensor, eps: float) -> list[str]:
+    """Why the CUDA kernel cannot run these (already validated) inputs; the reference runs them instead."""
+    reasons = device_reasons(x.device, x.shape[1], A_log.shape[1])
     if x.shape[0] != ROWS:
         reasons.append(f"{x.shape[0]} rows: the kernel takes the 2 rows of one guided image")
     if ssm_state.shape[3:] != (HEADDIM, D_STATE) or conv_weight.shape[2] != CONV_WIDTH:

@@ -7,7 +7,8 @@
 ".ab" in the device tool's `carry`). `run` copies the freshly built CUDA extension (aim_kernels/_C*.so) into
 every tree, or with --build-each builds each tree's own (for trees whose CUDA code differs), then for each
 round runs each tree in its own process with the tree as working directory (a process imports one tree only),
-and prints the median of each configuration per tree and its speed-up over the first tree. Interleaved rounds keep clock and thermal drift out of the comparison.
+and prints the median of each configuration per tree and its speed-up over the first tree. Interleaved rounds
+keep clock and thermal drift out of the comparison.
 """
 from __future__ import annotations
 

@@ -113,6 +113,7 @@ def test_rejects_bad_inputs():
 def test_not_supported_reasons():
     inp, _ = make_chain_inputs(2, 32, 2, headdim=16, d_state=8, weight_dtype=torch.float32)
     assert any("not a CUDA device" in r for r in decode_chain.not_supported_reasons(*args(inp)))
+    assert any("not a CUDA device" in r for r in decode_chain.device_reasons(torch.device("cpu"), 768, 24))
     assert decode_chain._kernel_limits(1536, 48, 132) == []
     assert any("too few" in r for r in decode_chain._kernel_limits(1536, 48, 114))
     assert any("built for" in r for r in decode_chain._kernel_limits(640, 20, 132))
