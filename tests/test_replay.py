@@ -554,6 +554,9 @@ def check_gated_steps(seq, dtype, max_len, device, config=None):
         assert rel_err(u, u_ref) < TOL[dtype], t
         assert rel_err(mean_sq, ms_ref) < MEAN_SQ_TOL[dtype], t
     assert torch.equal(conv_state.cpu().double(), conv_ref)
+    for got, exp in zip(hist, hist_ref):  # the appended entries; those beyond T untouched
+        assert rel_err(got[:, :T], exp[:, :T]) < TOL[dtype]
+        assert torch.equal(got[:, T:].cpu().double().nan_to_num(), exp[:, T:].nan_to_num())
 
 
 @pytest.mark.gpu
