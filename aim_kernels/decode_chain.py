@@ -154,7 +154,7 @@ def _mamba2_decode_chain_cuda(x: Tensor, in_weight: list[Tensor], out_weight_t: 
                               conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
                               A_log: Tensor, D: Tensor, dt_bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     layers, (rows, d), heads = len(in_weight), x.shape, A_log.shape[1]
-    residual, out = torch.empty(x.shape, dtype=torch.float32, device=x.device), torch.empty_like(x)
+    residual, out = x.new_empty(x.shape, dtype=_compute_dtype(x)), torch.empty_like(x)  # as the fake op's
     scratch = torch.empty(_scratch_bytes(layers, d, heads), dtype=torch.uint8, device=x.device)
     torch.ops.aim_kernels_cuda.decode_chain(in_weight, _pointer_table(in_weight), out_weight_t, adaln, conv_state,
                                             ssm_state, conv_weight, conv_bias, A_log, D, dt_bias, x, residual, out,
