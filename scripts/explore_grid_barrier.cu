@@ -66,13 +66,12 @@ enum Variant {
   FLAGS,              // each CTA stores its epoch to its own word; warp 0 polls every word, then one fence
   CLUSTER2_COUNTER,   // cluster barrier, one arrive per cluster of 2 on the counter, cluster barrier
   CLUSTER4_COUNTER,   // the same with clusters of 4
-  VARIANTS
 };
 const char* kNames[] = {"counter_acquire", "counter_relaxed", "flags", "cluster2_counter", "cluster4_counter"};
 // REDS: every CTA adds its row into replica cta % K; PAIR_SYNC: the odd CTA of a cluster pair writes its row into
 // the even one's shared memory, a cluster barrier, the even one adds both; PAIR_ASYNC: the same handed over by
 // st.async into the even CTA's mbarrier (no cluster barrier).
-enum Payload { NONE, REDS, PAIR_SYNC, PAIR_ASYNC, PAYLOADS };
+enum Payload { NONE, REDS, PAIR_SYNC, PAIR_ASYNC };
 const char* kPayloads[] = {"none", "reds", "pair_sync", "pair_async"};
 
 struct Args {
