@@ -5,7 +5,9 @@ Environment:
                            else install pure Python (Triton kernels + references) and say why;
                            1: build it or fail loudly; 0: never build it.
   TORCH_CUDA_ARCH_LIST     architectures to compile for (default "8.0;9.0+PTX": sm_80, sm_90 and PTX
-                           that newer GPUs compile at load time).
+                           that newer GPUs compile at load time). Where it names 9.0, the sm_90a image is
+                           built too (Hopper's arch-specific instructions: the decode chain's setmaxnreg);
+                           the driver runs it on H100/H200 in place of the sm_90 one.
   MAX_JOBS                 parallel compile jobs (ninja); CUDA_HOME: the CUDA toolkit (nvcc).
   AIM_KERNELS_DEBUG=1      -O0 -G device code (for cuda-gdb), otherwise -O3 -lineinfo.
 
@@ -61,8 +63,8 @@ def _ext_modules():
         _banner(msg + ". Installing pure Python (Triton kernels + references).")
         return [], {}
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    archs = _with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS))
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     debug = os.environ.get("AIM_KERNELS_DEBUG", "0") == "1"
     _banner(f"building the CUDA extension aim_kernels._C for TORCH_CUDA_ARCH_LIST={archs!r} "
             f"(MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, CUDA_HOME={cpp_extension.CUDA_HOME})")
@@ -84,6 +86,14 @@ def _ext_modules():
     use_ninja = shutil.which("ninja") is not None or _has_ninja_module()
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=use_ninja, no_python_abi_suffix=False)
     return [ext], {"build_ext": build_ext}
+
+
+def _with_sm90a(archs: str) -> str:
+    """The arch list plus 9.0a where it names 9.0 (with or without +PTX) and not 9.0a already."""
+    entries = [a for a in archs.replace(" ", ";").split(";") if a]
+    if "9.0" in (a.split("+")[0] for a in entries) and not any(a.startswith("9.0a") for a in entries):
+        entries.append("9.0a")
+    return ";".join(entries)
 
 
 def _has_ninja_module() -> bool:

@@ -21,7 +21,13 @@ namespace aimk {
 namespace {
 
 constexpr int ROWS = kChainRows, NS = kChainDState, K = kChainReplicas;
-constexpr int WARPS = 8, CONSUMERS = WARPS * 32, THREADS = CONSUMERS + 32;
+// The producer is one lane of a whole warpgroup (warps 8-11; the other three exit) so that the warpgroups can
+// trade registers (setmaxnreg, sm_90a): the launch gives 168 per thread; the producers drop to PRODUCER_REGS and
+// the consumers grow to CONSUMER_REGS. AiM-XL float32 spilled at 168; with 232, 1.05x end to end at batch 1
+// (H200), the other presets 1.01x. The sm_90 image (no setmaxnreg) keeps 168.
+constexpr int WARPS = 8, CONSUMERS = WARPS * 32, THREADS = CONSUMERS + 128;
+constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+static_assert(CONSUMERS * CONSUMER_REGS + 128 * PRODUCER_REGS <= THREADS * 168, "the launch's register file");
 static_assert(kChainMaxBCDTRows == WARPS, "one B/C/dt row per consumer warp");
 
 template <int D, typename W>
@@ -195,8 +201,11 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
   }
   __syncthreads();
 
-  if (warp == WARPS) {  // producer: per layer the constants, B/C/dt rows, z/x rows, state rows, out_proj^T rows
-    if (lane != 0) return;
+  if (warp >= WARPS) {  // producer: per layer the constants, B/C/dt rows, z/x rows, state rows, out_proj^T rows
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL  // setmaxnreg: sm_90a only
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
+#endif
+    if (warp != WARPS || lane != 0) return;
     unsigned i = 0;
     auto acquire_slot = [&]() -> unsigned {  // a free slot, and at most one copy in flight before this one
       const unsigned slot = i % S::SLOTS;
@@ -243,6 +252,9 @@ __global__ void __launch_bounds__(THREADS, 1) decode_chain_kernel(const ChainPar
     return;
   }
 
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
+#endif
   unsigned i = 0;
   auto wait_slot = [&](unsigned k) -> const unsigned char* {
     mbar_wait(&full[k % S::SLOTS], (k / S::SLOTS) & 1);
