@@ -22,12 +22,14 @@ namespace {
 
 constexpr int ROWS = kChainRows, NS = kChainDState, K = kChainReplicas;
 // The producer is one lane of a whole warpgroup (warps 8-11; the other three exit) so that the warpgroups can
-// trade registers (setmaxnreg, sm_90a): the launch gives 168 per thread; the producers drop to PRODUCER_REGS and
-// the consumers grow to CONSUMER_REGS. AiM-XL float32 spilled at 168; with 232, 1.05x end to end at batch 1
-// (H200), the other presets 1.01x. The sm_90 image (no setmaxnreg) keeps 168.
-constexpr int WARPS = 8, CONSUMERS = WARPS * 32, THREADS = CONSUMERS + 128;
+// trade registers (setmaxnreg, sm_90a): the launch gives LAUNCH_REGS per thread; the producers drop to
+// PRODUCER_REGS and the consumers grow to CONSUMER_REGS. AiM-XL float32 spilled at 168; with 232, 1.05x end to
+// end at batch 1 (H200), the other presets 1.01x. The sm_90 image (no setmaxnreg) keeps LAUNCH_REGS.
+constexpr int WARPS = 8, CONSUMERS = WARPS * 32, WARPGROUP = 128, THREADS = CONSUMERS + WARPGROUP;
+constexpr int LAUNCH_REGS = 65536 / THREADS / 8 * 8;  // what __launch_bounds__(THREADS, 1) allows: 168
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
-static_assert(CONSUMERS * CONSUMER_REGS + 128 * PRODUCER_REGS <= THREADS * 168, "the launch's register file");
+static_assert(CONSUMERS * CONSUMER_REGS + WARPGROUP * PRODUCER_REGS <= THREADS * LAUNCH_REGS,
+              "setmaxnreg only moves registers within what the launch allocated");
 static_assert(kChainMaxBCDTRows == WARPS, "one B/C/dt row per consumer warp");
 
 template <int D, typename W>
